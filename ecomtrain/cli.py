@@ -1,0 +1,138 @@
+"""The ``ecomtrain`` command.
+
+    ecomtrain data synth --out data/raw
+    ecomtrain data build --source synth --input data/raw --out data/quickstart
+    ecomtrain data inspect data/quickstart
+    ecomtrain train recipes/quickstart.yaml [dotted.key=value ...]
+    ecomtrain eval runs/quickstart-... [--split test] [--ckpt best|last|PATH]
+
+Heavy imports (torch, lightning) happen inside the verbs so that ``--help``
+and recipe validation answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", default="synth", help="importer: synth, seq, ... (see `ecomtrain data build --list-sources`)")
+    p.add_argument("--input", help="input file or folder for the importer")
+    p.add_argument("--out", required=True, help="output folder (manifest.json, items.parquet, *.tar)")
+    p.add_argument("--event-types", help="comma-separated event types to keep (default: all)")
+    p.add_argument("--min-user-events", type=int, default=3)
+    p.add_argument("--max-history", type=int, default=200)
+    p.add_argument("--no-collapse-repeats", action="store_true", help="keep consecutive events on the same item as separate positions")
+    p.add_argument("--shard-max-samples", type=int, default=5000)
+    p.add_argument("--shard-max-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from .data import synth
+
+    summary = synth.write(
+        a.out, num_users=a.users, num_items=a.items, num_categories=a.categories, num_brands=a.brands,
+        days=a.days, sessions_per_user=a.sessions, seed=a.seed,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_build(a: argparse.Namespace) -> int:
+    from .data import build, importers
+
+    if a.input is None:
+        raise importers.DataError("--input is required (a file or folder for the importer)")
+    imp = importers.load(a.source, a.input)
+    m = build.build(
+        imp, a.out, event_types=a.event_types.split(",") if a.event_types else None, min_user_events=a.min_user_events,
+        max_history=a.max_history, collapse_repeats=not a.no_collapse_repeats, shard_max_samples=a.shard_max_samples,
+        shard_max_bytes=a.shard_max_bytes, seed=a.seed, source={"source": a.source, "input": str(a.input)},
+    )
+    print(f"manifest: {Path(a.out) / 'manifest.json'} ({m['num_users']} users, {m['num_items']} items)")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from .data.inspect import inspect_dataset
+
+    return inspect_dataset(a.dir)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .config import load_recipe
+
+    cfg = load_recipe(a.recipe, a.overrides)  # all recipe errors surface here, before any model
+    if a.check:
+        print(f"{a.recipe}: valid")
+        return 0
+    from .train.runner import train
+
+    train(cfg)
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .train.evaluate import evaluate
+
+    metrics = evaluate(a.run_dir, split=a.split, ckpt=a.ckpt, overrides=a.overrides)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    data = sub.add_parser("data", help="generate, build and inspect datasets")
+    dsub = data.add_subparsers(dest="data_verb", required=True)
+    s = dsub.add_parser("synth", help="write a synthetic e-commerce event log (events.parquet, items.parquet)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--users", type=int, default=2000)
+    s.add_argument("--items", type=int, default=600)
+    s.add_argument("--categories", type=int, default=12)
+    s.add_argument("--brands", type=int, default=40)
+    s.add_argument("--days", type=int, default=120)
+    s.add_argument("--sessions", type=float, default=6.0, help="mean sessions per user")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=cmd_synth)
+    b = dsub.add_parser("build", help="events -> per-user sequences -> leave-one-out splits -> WebDataset shards")
+    _add_build_args(b)
+    b.set_defaults(fn=cmd_build)
+    i = dsub.add_parser("inspect", help="summarise a built dataset and verify every shard against manifest.json")
+    i.add_argument("dir")
+    i.set_defaults(fn=cmd_inspect)
+
+    t = sub.add_parser("train", help="train, validate and test a recipe; writes RUN_DIR")
+    t.add_argument("recipe", help="YAML recipe (see recipes/)")
+    t.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. trainer.max_epochs=3")
+    t.add_argument("--check", action="store_true", help="only validate the recipe and exit")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint on a split; prints metrics JSON")
+    e.add_argument("run_dir")
+    e.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run's recipe (e.g. data.path=...)")
+    e.add_argument("--split", default="test", choices=["val", "test"])
+    e.add_argument("--ckpt", default="best", help="best, last, or a checkpoint path")
+    e.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from .config import RecipeError
+    from .data.importers import DataError
+
+    try:
+        return args.fn(args)
+    except (RecipeError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Recipe schema, YAML loading, dotted overrides and validation.
+
+A recipe is plain YAML (always ``yaml.safe_load``-ed) validated against the
+pydantic models below *before* anything heavy is imported or built. Every
+problem is collected and reported at once, with the dotted path of the key, a
+did-you-mean suggestion for unknown keys and the expected type for wrong ones.
+
+    cfg = load_recipe("recipes/quickstart.yaml", ["trainer.max_epochs=3"])
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message lists every problem found."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (typos must not be silently ignored).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- run
+class RunConfig(_Section):
+    name: str = Field("run", description="Run name; RUN_DIR is out_dir/name-<timestamp> unless run.dir is set.")
+    out_dir: str = Field("runs", description="Parent folder of run directories.")
+    dir: Optional[str] = Field(None, description="Exact RUN_DIR (overrides out_dir/name); needed for resume=auto across restarts.")
+    seed: int = Field(0, description="Global seed: model init, data order, dropout.")
+
+
+# -------------------------------------------------------------------------- data
+class SynthConfig(_Section):
+    num_users: int = Field(2000, gt=0)
+    num_items: int = Field(600, gt=1)
+    num_categories: int = Field(12, gt=0)
+    num_brands: int = Field(40, gt=0)
+    days: int = Field(120, gt=0, description="Time span of the log.")
+    sessions_per_user: float = Field(6.0, gt=0, description="Mean sessions per user (Poisson).")
+    seed: int = 0
+
+
+class BuildConfig(_Section):
+    """How ``ecomtrain data build`` turns raw events into shards."""
+
+    source: str = Field("synth", description="Importer name: synth, table, seq, ...")
+    input: Optional[str] = Field(None, description="Input path for the importer (file or folder).")
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Used when source=synth and input is unset.")
+    event_types: Optional[list[str]] = Field(None, description="Keep only these event types (default: all).")
+    min_user_events: int = Field(3, ge=3, description="Users with fewer sequence positions are dropped (leave-one-out needs 3).")
+    max_history: int = Field(200, gt=1, description="Longest history stored per sample (most recent kept).")
+    collapse_repeats: bool = Field(True, description="Merge consecutive events on the same item into one position.")
+    shard_max_samples: int = Field(5000, gt=0)
+    shard_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+
+
+class DataConfig(_Section):
+    path: str = Field(..., description="Built dataset folder (holds manifest.json).")
+    build: Optional[BuildConfig] = Field(None, description="If set and path has no manifest.json, build it first.")
+    max_history: int = Field(50, gt=0, description="History length fed to the model (most recent items).")
+    batch_size: int = Field(64, gt=0, description="Per-device micro-batch size for training.")
+    eval_batch_size: int = Field(256, gt=0)
+    num_workers: int = Field(0, ge=0)
+    shuffle_buffer: int = Field(2000, ge=0, description="Sample shuffle buffer (0 = no shuffle).")
+    max_corrupt_fraction: float = Field(0.0, ge=0, le=1, description="Fraction of shards that may be unreadable (skipped and counted) before the run fails.")
+
+
+# ------------------------------------------------------------------------- model
+class BackboneConfig(_Section):
+    arch: Literal["qwen2", "llama"] = "qwen2"
+    pretrained: Optional[str] = Field(None, description="Local save_pretrained folder; its vocabulary is extended with item tokens.")
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    num_kv_heads: Optional[int] = Field(None, gt=0)
+    intermediate_size: int = Field(256, gt=0)
+    max_position_embeddings: int = Field(512, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    tie_embeddings: bool = True
+
+
+class ModelConfig(_Section):
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on input embeddings (item-token dropout regularises tiny data).")
+    attention_dropout: float = Field(0.0, ge=0, lt=1)
+    activation_checkpointing: bool = False
+
+
+class TaskConfig(_Section):
+    name: Literal["next_item"] = "next_item"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Optional[list[str]] = None
+
+
+class AdaLoraConfig(_Section):
+    init_r: int = Field(12, gt=0)
+    target_r: int = Field(4, gt=0)
+    tinit: int = Field(0, ge=0)
+    tfinal: int = Field(0, ge=0)
+    delta_t: int = Field(1, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Optional[list[str]] = None
+
+
+class FinetuneConfig(_Section):
+    method: Literal["full", "lora", "adalora", "dora", "qlora"] = "full"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    adalora: AdaLoraConfig = Field(default_factory=AdaLoraConfig)
+
+
+# --------------------------------------------------------------------- optimiser
+class OptimConfig(_Section):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-8, gt=0)
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+# ----------------------------------------------------------------------- trainer
+class StrategyConfig(_Section):
+    name: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    deepspeed_config: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config keys merged on top.")
+
+
+class CheckpointConfig(_Section):
+    every_n_steps: Optional[int] = Field(None, gt=0, description="Also checkpoint every N optimizer steps.")
+    keep_last: int = Field(2, gt=0)
+
+
+class EarlyStoppingConfig(_Section):
+    enabled: bool = False
+    monitor: str = "val/ndcg@10"
+    patience: int = Field(3, gt=0)
+    mode: Literal["max", "min"] = "max"
+
+
+class TrainerConfig(_Section):
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
+    devices: Union[int, Literal["auto"]] = 1
+    num_nodes: int = Field(1, gt=0)
+    precision: Literal["32", "16-mixed", "bf16-mixed", "bf16-true"] = "32"
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    max_epochs: int = Field(1, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    accumulate_grad_batches: int = Field(1, gt=0)
+    gradient_clip_val: Optional[float] = Field(1.0, ge=0)
+    check_val_every_n_epoch: int = Field(1, gt=0)
+    log_every_n_steps: int = Field(10, gt=0)
+    limit_train_batches: Optional[Union[int, float]] = None
+    limit_val_batches: Optional[Union[int, float]] = None
+    progress_bar: bool = True
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    resume: Optional[str] = Field(None, description="'auto' (last checkpoint in RUN_DIR) or a checkpoint path.")
+    test_ckpt: Literal["best", "last"] = Field("best", description="Checkpoint used for the final test: best on the validation monitor, or the last weights.")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_int(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+class EvalConfig(_Section):
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    exclude_seen: bool = Field(False, description="Primary protocol: drop the user's history items from the ranking. Both are reported.")
+
+
+class WandbConfig(_Section):
+    enabled: bool = True
+    mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = online if WANDB_API_KEY is set, else offline.")
+    project: str = "ecomtrain"
+    entity: Optional[str] = None
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingConfig(_Section):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class Recipe(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+# ------------------------------------------------------------------ loading API
+def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model class whose fields live at ``loc`` (for suggestions)."""
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    path = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        names = list(parent.model_fields) if parent else []
+        guess = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.5)
+        hint = f"; did you mean '{guess[0]}'?" if guess else (f"; allowed: {', '.join(names)}" if names else "")
+        return f"{path}: unknown key{hint}"
+    if kind == "missing":
+        return f"{path}: required field is missing"
+    got = err.get("input")
+    shown = repr(got)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return f"{path}: {err['msg']} (got {shown} of type {type(got).__name__})"
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        if node.get(p) is None:
+            node[p] = {}
+        if not isinstance(node[p], dict):
+            raise RecipeError(f"override '{dotted}': '{p}' is not a section")
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides; values are parsed as YAML (safe)."""
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise RecipeError(f"override '{item}' has an empty key")
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else None)
+    return tree
+
+
+def validate_tree(tree: Any, source: str = "<recipe>") -> Recipe:
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping, got {type(tree).__name__}")
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        n = len(lines)
+        raise RecipeError(
+            f"{source}: {n} problem{'s' if n != 1 else ''} in the recipe:\n" + "\n".join(f"  - {ln}" for ln in lines)
+        ) from None
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{p}: not valid YAML: {exc}") from None
+
+
+def load_recipe(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Recipe:
+    tree = read_yaml(path)
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping, got {type(tree).__name__}")
+    tree = apply_overrides(tree, overrides or [])
+    return validate_tree(tree, source=str(path))
+
+
+# Field names that hold credentials: api_key, wandb_token, secret, password ...
+_SECRET_KEY = re.compile(r"(^|_)(api_?key|key|token|secret|password|passwd)$", re.IGNORECASE)
+
+
+def redact(tree: Any) -> Any:
+    """Copy of a config tree with secret-looking values removed (for logs/dumps)."""
+    if isinstance(tree, dict):
+        return {
+            k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+            for k, v in tree.items()
+        }
+    if isinstance(tree, list):
+        return [redact(v) for v in tree]
+    return tree
+
+
+def dump_recipe(cfg: Recipe, path: str | os.PathLike) -> None:
+    data = redact(cfg.model_dump(mode="json"))
+    Path(path).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")

@@ -1,0 +1,86 @@
+"""Full-catalog ranking metrics on torchmetrics: HR@K, NDCG@K, MRR, AUC.
+
+One relevant item per query (the held-out next item). With ``g`` items
+scored strictly above the target and ``e`` other items tied with it, the
+target's rank is uniform on ``g+1 .. g+e+1`` under random tie-breaking; the
+metrics below are the exact expectations over that tie-break, so a
+constant-score baseline (popularity has many ties at count 0) is neither
+flattered (optimistic ties) nor punished (pessimistic ties). Without ties
+they are the usual definitions:
+
+    HR@K   = 1[rank <= K]
+    NDCG@K = 1/log2(rank + 1) if rank <= K else 0
+    MRR    = 1/rank
+    AUC    = 1 - (rank - 1) / (n - 1)      (n = items with a finite score)
+
+Items masked with ``-inf`` (e.g. already seen) drop out of the ranking; a
+masked target counts as a miss.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torchmetrics import Metric
+
+
+def target_ties(scores: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(#items strictly above the target, #other items tied with it) per row."""
+    t = scores.gather(1, target.view(-1, 1))
+    greater = (scores > t).sum(1)
+    equal = (scores == t).sum(1) - 1
+    return greater, equal
+
+
+def _cumulative(n: int, fn, device) -> torch.Tensor:
+    r = torch.arange(1, n + 1, dtype=torch.float64, device=device)
+    return torch.cat([torch.zeros(1, dtype=torch.float64, device=device), torch.cumsum(fn(r), 0)])
+
+
+def ranking_scores(scores: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Per-row metric values (float64), exact under random tie-breaking."""
+    n = scores.shape[1]
+    g, e = target_ties(scores, target)
+    g, e = g.to(torch.float64), e.to(torch.float64)
+    masked = ~torch.isfinite(scores.gather(1, target.view(-1, 1))).squeeze(1)
+    lo, hi = g.long(), (g + e + 1).long()  # rank range is lo+1 .. hi
+    disc = _cumulative(n, lambda r: 1.0 / torch.log2(r + 1), scores.device)
+    harm = _cumulative(n, lambda r: 1.0 / r, scores.device)
+    out = {}
+    for k in ks:
+        out[f"hr@{k}"] = ((k - g) / (e + 1)).clamp(0, 1)
+        out[f"ndcg@{k}"] = (disc[hi.clamp(max=k)] - disc[lo.clamp(max=k)]) / (e + 1)
+    out["mrr"] = (harm[hi] - harm[lo]) / (e + 1)
+    finite = torch.isfinite(scores).sum(1).to(torch.float64)
+    out["auc"] = (1 - (g + e / 2) / (finite - 1).clamp(min=1)).clamp(0, 1)
+    for v in out.values():
+        v.masked_fill_(masked, 0.0)
+    return out
+
+
+class RankingMetrics(Metric):
+    """Accumulates weighted sums; ``compute`` returns means. DDP-safe (sum)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, ks: Sequence[int] = (5, 10, 20), **kw):
+        super().__init__(**kw)
+        self.ks = tuple(int(k) for k in ks)
+        self.names = [f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")] + ["mrr", "auc"]
+        for name in self.names:
+            self.add_state(name.replace("@", "_"), default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
+        vals = ranking_scores(scores.float(), target, self.ks)
+        w = torch.ones(len(target), dtype=torch.float64, device=scores.device) if weight is None else weight.to(torch.float64)
+        for name in self.names:
+            attr = name.replace("@", "_")
+            setattr(self, attr, getattr(self, attr) + (vals[name] * w).sum())
+        self.count = self.count + w.sum()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        c = self.count.clamp(min=1)
+        return {name: (getattr(self, name.replace("@", "_")) / c).float() for name in self.names}

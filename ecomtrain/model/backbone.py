@@ -1,0 +1,110 @@
+"""Backbone: a Hugging Face causal LM whose vocabulary holds the items.
+
+Two ways in (``model.backbone`` in the recipe):
+- ``pretrained: PATH`` loads a local ``save_pretrained`` folder (never the
+  hub at run time) and appends N item tokens ``<item_1> .. <item_N>`` to its
+  vocabulary; item i is token ``base_vocab + i - 1``;
+- otherwise a Qwen2 or Llama config of any size is built with random init and
+  vocabulary ``[<pad>] + items``: item i is token i.
+
+``ItemLM`` feeds item indices through the LM and returns item logits only,
+computing the (vocab-sized) head on the positions that are needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+
+@dataclass
+class ItemVocab:
+    num_items: int
+    offset: int  # token id of item 1
+    pad_token_id: int
+
+    def to_tokens(self, items: torch.Tensor) -> torch.Tensor:
+        return torch.where(items > 0, items + (self.offset - 1), torch.full_like(items, self.pad_token_id))
+
+    def item_token(self, i: int) -> str:
+        return f"<item_{i}>"
+
+
+def build_causal_lm(cfg: ModelConfig, num_items: int):
+    """Return (hf_model, ItemVocab, tokenizer or None)."""
+    from transformers import AutoModelForCausalLM
+
+    bb = cfg.backbone
+    if bb.pretrained:
+        from transformers import AutoTokenizer
+
+        lm = AutoModelForCausalLM.from_pretrained(bb.pretrained, local_files_only=True, attention_dropout=cfg.attention_dropout)
+        tok = AutoTokenizer.from_pretrained(bb.pretrained, local_files_only=True)
+        base = len(tok)
+        tok.add_tokens([f"<item_{i}>" for i in range(1, num_items + 1)])
+        lm.resize_token_embeddings(base + num_items)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        return lm, ItemVocab(num_items, base, pad), tok
+
+    if bb.arch == "qwen2":
+        from transformers import Qwen2Config as Cfg
+    else:
+        from transformers import LlamaConfig as Cfg
+    conf = Cfg(
+        vocab_size=num_items + 1,
+        hidden_size=bb.hidden_size,
+        intermediate_size=bb.intermediate_size,
+        num_hidden_layers=bb.num_layers,
+        num_attention_heads=bb.num_heads,
+        num_key_value_heads=bb.num_kv_heads or bb.num_heads,
+        max_position_embeddings=bb.max_position_embeddings,
+        rope_theta=bb.rope_theta,
+        attention_dropout=cfg.attention_dropout,
+        tie_word_embeddings=bb.tie_embeddings,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    lm = AutoModelForCausalLM.from_config(conf)
+    return lm, ItemVocab(num_items, 1, 0), None
+
+
+def causal_core(lm: nn.Module) -> nn.Module:
+    """The underlying *ForCausalLM, under a peft wrapper or not."""
+    get = getattr(lm, "get_base_model", None)
+    return get() if callable(get) else lm
+
+
+class ItemLM(nn.Module):
+    """Item indices in, item logits out."""
+
+    def __init__(self, lm: nn.Module, vocab: ItemVocab, dropout: float = 0.0, tokenizer=None):
+        super().__init__()
+        self.lm = lm
+        self.vocab = vocab
+        self.tokenizer = tokenizer
+        self.embed_dropout = nn.Dropout(dropout)
+
+    def hidden(self, items: torch.Tensor) -> torch.Tensor:
+        core = causal_core(self.lm)
+        ids = self.vocab.to_tokens(items)
+        mask = (items > 0).long()
+        emb = self.embed_dropout(core.get_input_embeddings()(ids))
+        out = core.model(inputs_embeds=emb, attention_mask=mask, use_cache=False)
+        return out.last_hidden_state
+
+    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = causal_core(self.lm).lm_head(hidden)
+        return logits[..., self.vocab.offset : self.vocab.offset + self.vocab.num_items]
+
+    def forward(self, items: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Item logits at every position ([B,T,N]) or at ``positions`` ([B,N])."""
+        h = self.hidden(items)
+        if positions is not None:
+            h = h[torch.arange(len(h), device=h.device), positions]
+        return self.item_logits(h)

@@ -1,0 +1,55 @@
+"""``ecomtrain eval RUN_DIR``: score a run's checkpoint on val or test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from ..config import RecipeError, load_recipe
+
+
+def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
+    ck = run_dir / "checkpoints"
+    if ckpt == "last":
+        path = ck / "last.ckpt"
+    elif ckpt == "best":
+        found = sorted(ck.glob("best-*.ckpt"))
+        path = found[-1] if found else ck / "last.ckpt"
+    else:
+        path = Path(ckpt)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: Optional[list[str]] = None) -> dict:
+    import lightning as L
+    import polars as pl
+
+    from ..config import redact
+    from ..data.build import load_manifest
+    from .datamodule import ShardDataModule
+    from .module import RecModule, make_task
+    from .strategies import resolve_accelerator
+
+    rd = Path(run_dir)
+    if not (rd / "recipe.yaml").is_file():
+        raise RecipeError(f"{rd}: not a run directory (no recipe.yaml)")
+    cfg = load_recipe(rd / "recipe.yaml", overrides or [])
+    manifest = load_manifest(cfg.data.path)
+    n = int(manifest["num_items"])
+    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"]).sort("idx")
+    module = RecModule(redact(cfg.model_dump(mode="json")), n, items["train_count"].to_list())
+    dm = ShardDataModule(cfg, make_task(cfg, n), manifest)
+    trainer = L.Trainer(
+        accelerator=resolve_accelerator(cfg.trainer), devices=1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, precision=cfg.trainer.precision,
+    )
+    path = find_checkpoint(rd, ckpt)
+    run = trainer.validate if split == "val" else trainer.test
+    out: dict = {}
+    for res in run(module, datamodule=dm, ckpt_path=str(path), verbose=False):
+        out.update({k: float(v) for k, v in res.items()})
+    out["eval/exclude_seen"] = bool(cfg.eval.exclude_seen)
+    out["eval/checkpoint"] = str(path)
+    return dict(sorted(out.items()))

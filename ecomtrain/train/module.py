@@ -1,0 +1,127 @@
+"""LightningModule wrapping the item-token causal LM for a recommendation task.
+
+The model is created in ``configure_model`` (not ``__init__``) so that
+DeepSpeed ZeRO-3 can shard it as it is built. Metrics are torchmetrics
+objects (synced across ranks by summing), logged once per epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..config import Recipe
+from ..metrics import RankingMetrics
+from ..model.backbone import ItemLM, build_causal_lm
+from ..tasks.next_item import NextItemTask
+
+
+def make_task(cfg: Recipe, num_items: int) -> NextItemTask:
+    if cfg.task.name == "next_item":
+        return NextItemTask(num_items, cfg.data.max_history, cfg.task.label_smoothing)
+    raise ValueError(f"task.name: unknown task '{cfg.task.name}'")
+
+
+def lr_lambda(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return min_ratio + (1 - min_ratio) * (1 - progress)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class RecModule(L.LightningModule):
+    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None):
+        super().__init__()
+        # only the (secret-free) recipe and vocabulary size go into checkpoints
+        self.save_hyperparameters({"recipe": recipe, "num_items": num_items})
+        self.cfg = Recipe.model_validate(recipe)
+        self.num_items = num_items
+        self.task = make_task(self.cfg, num_items)
+        counts = torch.tensor(item_counts if item_counts is not None else [0] * num_items, dtype=torch.float32)
+        self.register_buffer("popularity", counts, persistent=False)
+        self.net: Optional[ItemLM] = None
+        self.primary_excludes_seen = self.cfg.eval.exclude_seen
+        ks = self.cfg.eval.ks
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_{proto}": RankingMetrics(ks) for stage in ("val", "test") for proto in ("main", "alt", "pop")}
+        )
+
+    # -- model
+    def configure_model(self) -> None:
+        if self.net is not None:
+            return
+        lm, vocab, tok = build_causal_lm(self.cfg.model, self.num_items)
+        if self.cfg.model.activation_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from ..model.adapters import apply_finetune_method
+
+        lm = apply_finetune_method(lm, self.cfg, vocab)
+        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok)
+
+    # -- steps
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.task.loss(self.net, batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        scores = self.task.scores(self.net, batch)
+        target, weight = batch["target"] - 1, batch.get("weight")
+        excl = NextItemTask.mask_seen(scores, batch["seen"])
+        main, alt = (excl, scores) if self.primary_excludes_seen else (scores, excl)
+        self.metrics[f"{stage}_main"].update(main, target, weight)
+        self.metrics[f"{stage}_alt"].update(alt, target, weight)
+        pop = self.popularity.unsqueeze(0).expand(len(target), -1)
+        if self.primary_excludes_seen:
+            pop = NextItemTask.mask_seen(pop, batch["seen"])
+        self.metrics[f"{stage}_pop"].update(pop, target, weight)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_eval(self, stage: str) -> None:
+        alt_name = "incl_seen" if self.primary_excludes_seen else "excl_seen"
+        out: dict[str, Any] = {}
+        for proto, prefix in (("main", f"{stage}/"), ("alt", f"{stage}/{alt_name}/"), ("pop", f"baseline/popularity/{stage}/")):
+            m = self.metrics[f"{stage}_{proto}"]
+            out.update({prefix + k: v for k, v in m.compute().items()})
+            m.reset()
+        # values are already reduced across ranks by torchmetrics
+        shown = {k: out.pop(k) for k in ("val/ndcg@10",) if k in out}
+        self.log_dict(out, sync_dist=False)
+        self.log_dict(shown, prog_bar=True, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    # -- optimisation
+    def configure_optimizers(self):
+        oc = self.cfg.optim
+        decay, no_decay = [], []
+        for name, p in self.net.named_parameters():
+            if not p.requires_grad:
+                continue
+            # no weight decay on biases, norms (1-d) and embeddings
+            (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=oc.lr, betas=oc.betas, eps=oc.eps)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(oc.warmup_ratio * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, total, warmup, oc.scheduler, oc.min_lr_ratio)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,192 @@
+"""``ecomtrain train``: recipe -> data (built if missing) -> fit -> val/test -> RUN_DIR.
+
+    ecomtrain train recipes/quickstart.yaml trainer.max_epochs=3
+
+RUN_DIR holds ``recipe.yaml`` (resolved, secret-free), ``checkpoints/``,
+``metrics.json`` (flat: ``test/ndcg@10``, ``baseline/popularity/test/ndcg@10``,
+...), ``logs/`` (CSV) and ``wandb/``. The last printed line names RUN_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+from ..config import Recipe, dump_recipe, redact
+
+
+def global_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def resolve_run_dir(cfg: Recipe) -> Path:
+    if cfg.run.dir:
+        return Path(cfg.run.dir)
+    # every rank must agree on the folder: take a stamp the launcher shares
+    stamp = os.environ.get("ECOMTRAIN_RUN_STAMP") or os.environ.get("SLURM_JOB_ID")
+    if not stamp and os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        stamp = os.environ["TORCHELASTIC_RUN_ID"]
+    if not stamp:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.run.out_dir) / f"{cfg.run.name}-{stamp}"
+
+
+def ensure_dataset(cfg: Recipe, log=print) -> dict:
+    """Build ``data.path`` from ``data.build`` when it has no manifest yet."""
+    from ..data import build as B
+    from ..data import importers, synth
+
+    root = Path(cfg.data.path)
+    if (root / "manifest.json").is_file():
+        return B.load_manifest(root)
+    if cfg.data.build is None:
+        return B.load_manifest(root)  # raises the clear "no manifest" error
+    if global_rank() != 0:
+        for _ in range(3600):  # rank 0 builds; the others wait (up to 1 h)
+            if (root / "manifest.json").is_file():
+                return B.load_manifest(root)
+            time.sleep(1)
+        raise TimeoutError(f"waited 1 h for rank 0 to build {root}")
+    bc = cfg.data.build
+    src = bc.input
+    if bc.source == "synth" and src is None:
+        src = str(root / "raw")
+        log(f"generating synthetic events into {src}")
+        synth.write(src, **bc.synth.model_dump())
+    if src is None:
+        from ..config import RecipeError
+
+        raise RecipeError(f"data.build.input: required for source '{bc.source}'")
+    imp = importers.load(bc.source, src)
+    return B.build(
+        imp, root, event_types=bc.event_types, min_user_events=bc.min_user_events, max_history=bc.max_history,
+        collapse_repeats=bc.collapse_repeats, shard_max_samples=bc.shard_max_samples, shard_max_bytes=bc.shard_max_bytes,
+        seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log,
+    )
+
+
+def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
+    from lightning.pytorch.loggers import CSVLogger
+
+    loggers = [CSVLogger(save_dir=str(run_dir), name="logs", version="")]
+    wc = cfg.logging.wandb
+    if wc.enabled and wc.mode != "disabled":
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = wc.mode if wc.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        loggers.append(
+            WandbLogger(
+                project=wc.project, entity=wc.entity, name=run_dir.name, save_dir=str(run_dir), mode=mode,
+                tags=wc.tags or None, config=redact(recipe_tree),
+            )
+        )
+    return loggers
+
+
+def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+
+    tc = cfg.trainer
+    cbs = [
+        ModelCheckpoint(
+            dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
+            monitor="val/ndcg@10", mode="max", save_top_k=1, save_last=True,
+        )
+    ]
+    if tc.checkpoint.every_n_steps:
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=str(run_dir / "checkpoints"), filename="step{step}", auto_insert_metric_name=False,
+                every_n_train_steps=tc.checkpoint.every_n_steps, save_top_k=tc.checkpoint.keep_last,
+                monitor="step", mode="max",
+            )
+        )
+    if tc.early_stopping.enabled:
+        es = tc.early_stopping
+        cbs.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
+    if has_logger:
+        cbs.append(LearningRateMonitor(logging_interval="step"))
+    if tc.progress_bar:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, tc.log_every_n_steps // 2)))
+    return cbs
+
+
+def train(cfg: Recipe, log=print) -> Path:
+    import lightning as L
+    import polars as pl
+
+    from .datamodule import ShardDataModule
+    from .module import RecModule, make_task
+    from .strategies import build_strategy, resolve_accelerator
+
+    t0 = time.time()
+    run_dir = resolve_run_dir(cfg)
+    is_zero = global_rank() == 0
+    manifest = ensure_dataset(cfg, log=log if is_zero else (lambda *_: None))
+    recipe_tree = cfg.model_dump(mode="json")
+    if is_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_recipe(cfg, run_dir / "recipe.yaml")
+
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    num_items = int(manifest["num_items"])
+    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"]).sort("idx")
+    module = RecModule(redact(recipe_tree), num_items, items["train_count"].to_list())
+    dm = ShardDataModule(cfg, make_task(cfg, num_items), manifest)
+
+    tc = cfg.trainer
+    accelerator = resolve_accelerator(tc)
+    loggers = make_loggers(cfg, run_dir, recipe_tree)
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, accelerator),
+        precision=tc.precision, max_epochs=tc.max_epochs, max_steps=tc.max_steps,
+        accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
+        check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
+        limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
+        logger=loggers, callbacks=make_callbacks(cfg, run_dir, bool(loggers)),
+        enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
+        num_sanity_val_steps=0, deterministic=False,
+    )
+    ckpt = None
+    if tc.resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        ckpt = str(last) if last.exists() else None
+    elif tc.resume:
+        ckpt = tc.resume
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    which = "best" if (tc.test_ckpt == "best" and best) else "last"
+    metrics: dict = {}
+    for res in trainer.validate(module, datamodule=dm, ckpt_path=which, verbose=False):
+        metrics.update(res)
+    for res in trainer.test(module, datamodule=dm, ckpt_path=which, verbose=False):
+        metrics.update(res)
+    metrics = {k: float(v) for k, v in sorted(metrics.items()) if "/" in k}
+    metrics.update(
+        {
+            "eval/exclude_seen": bool(cfg.eval.exclude_seen),
+            "eval/num_items_ranked": num_items,
+            "eval/checkpoint": which,
+            "train/global_step": int(trainer.global_step),
+            "train/epochs": int(trainer.current_epoch),
+            "train/wall_seconds": round(time.time() - t0, 1),
+        }
+    )
+    if trainer.is_global_zero:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        for lg in loggers:
+            if type(lg).__name__ == "WandbLogger":
+                lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+                lg.experiment.finish()  # flush now, so the RUN_DIR line below is the last one printed
+        keys = [k for k in ("test/hr@10", "test/ndcg@10", "baseline/popularity/test/ndcg@10") if k in metrics]
+        log("  ".join(f"{k}={metrics[k]:.4f}" for k in keys) + f"  (seen items {'excluded' if cfg.eval.exclude_seen else 'included'})")
+        log(f"run dir: {run_dir}")
+    return run_dir
