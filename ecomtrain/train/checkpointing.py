@@ -210,9 +210,9 @@ class ResumeState(Callback):
         st, self._pending = self._pending, None
         if st is None:
             return
-        # DeepSpeed restores optimizer *state* but not param_groups' lr, so the first step after a
-        # resume would use the lr the optimizer was built with (warmup step 0). Lightning restored the
-        # schedulers: put their current lr back into the optimizer (a no-op where it was already right).
+        # Defensive: make the optimizer's lr the restored scheduler's current lr, whatever the strategy's
+        # optimizer restore did with param_groups (a no-op when they already agree, as measured for
+        # DDP and ZeRO-2 here).
         for conf in trainer.lr_scheduler_configs:
             sched = conf.scheduler
             for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
