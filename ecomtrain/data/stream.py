@@ -99,6 +99,7 @@ class ShardStream(IterableDataset):
         self.pad_sample = pad_sample
         self.epoch = 0
         self.skip = 0  # batches to skip at the start of the next epoch (resume)
+        self.corrupt_shards: list[str] = []  # names skipped as unreadable (this process)
         for sh in self.shards:
             if not (self.root / sh["name"]).is_file():
                 raise DataError(f"{self.root}: shard '{sh['name']}' listed in manifest.json is missing")
@@ -145,7 +146,7 @@ class ShardStream(IterableDataset):
         return info.id, info.num_workers
 
     def _samples(self, shards: list[dict], rng: random.Random, cycle: bool) -> Iterator[dict]:
-        bad = 0
+        bad: set[str] = set()  # a shard re-read on a later cycle is counted once
         limit = self.max_corrupt_fraction * len(self.shards)
         while True:
             order = list(shards)
@@ -154,6 +155,8 @@ class ShardStream(IterableDataset):
             yielded = False
             for sh in order:
                 path = self.root / sh["name"]
+                if sh["name"] in bad:
+                    continue
                 try:
                     for s in _iter_shard(path):
                         yielded = True
@@ -161,13 +164,14 @@ class ShardStream(IterableDataset):
                 except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
                     if isinstance(exc, DataError) and "pickle" in str(exc):
                         raise
-                    bad += 1
-                    if bad > limit:
+                    bad.add(sh["name"])
+                    self.corrupt_shards = sorted(bad)
+                    if len(bad) > limit:
                         raise DataError(
-                            f"{path}: unreadable shard ({type(exc).__name__}: {exc}); {bad} bad shard(s) exceed "
+                            f"{path}: unreadable shard ({type(exc).__name__}: {exc}); {len(bad)} bad shard(s) exceed "
                             f"data.max_corrupt_fraction={self.max_corrupt_fraction} of {len(self.shards)}"
                         ) from None
-                    print(f"[ecomtrain] warning: skipped unreadable shard {path} ({bad} so far)")
+                    print(f"[ecomtrain] warning: skipped unreadable shard {path} ({len(bad)} so far)")
             if not cycle:
                 return
             if not yielded:
@@ -189,15 +193,19 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict]:
+        # read worker id and resume skip now, not when the generator first runs:
+        # the loader clears ``skip`` right after creating the iterator
         wid, nw = self._worker()
+        return self._iterate(wid, nw, self.skip)
+
+    def _iterate(self, wid: int, nw: int, skip_total: int) -> Iterator[dict]:
         if self.mode == "train":
             reader = self.rank * nw + wid
             rng = random.Random(hash((self.seed, self.epoch, reader)) & 0xFFFFFFFF)
             # this worker's share of the rank's batches
             n_batches = self.batches_per_rank // nw + (1 if wid < self.batches_per_rank % nw else 0)
             stream = self._shuffled(self._samples(self.assignment[reader], rng, cycle=True), rng)
-            skip = self.skip // nw + (1 if wid < self.skip % nw else 0)
-            self.skip = 0
+            skip = skip_total // nw + (1 if wid < skip_total % nw else 0)
             for b in range(n_batches):
                 batch = [next(stream) for _ in range(self.batch_size)]
                 if b < skip:
@@ -219,7 +227,7 @@ class ShardStream(IterableDataset):
             while len(batch) < self.batch_size and self.pad_sample is not None:
                 batch.append(self.pad_sample)
                 weights.append(0.0)
-            if not batch:
+            if not batch:  # no pad sample: this rank has nothing more (single-process eval only)
                 return
             out = self.collate(batch)
             out["weight"] = torch.tensor(weights)
@@ -227,20 +235,50 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its ShardStream which epoch starts at each iter().
+    """A DataLoader that tells its ShardStream which epoch starts at each iter(),
+    and keeps the position inside the epoch for mid-epoch resume.
 
     Lightning only calls ``set_epoch`` on samplers; an IterableDataset copied
-    into workers would otherwise replay epoch 0 forever.
+    into workers would otherwise replay epoch 0 forever. ``state_dict`` /
+    ``load_state_dict`` follow the stateful-dataloader protocol Lightning
+    saves into checkpoints: {epoch, batches consumed in it, seed}; after
+    ``load_state_dict`` the next iter() resumes that epoch after those batches.
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0, first_epoch: int = 0, **kw):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, **kw)
         self._next_epoch = first_epoch
+        self._epoch = first_epoch
+        self._consumed = 0
+        self._resume: Optional[tuple[int, int]] = None
 
     def __iter__(self):
-        self.dataset.set_epoch(self._next_epoch)
+        if self._resume is not None:
+            self._next_epoch, skip = self._resume
+            self._resume = None
+        else:
+            skip = 0
+        self._epoch = self._next_epoch
+        self.dataset.set_epoch(self._epoch)
+        self.dataset.skip = skip
         self._next_epoch += 1
-        return super().__iter__()
+        self._consumed = skip
+        it = super().__iter__()  # workers copy the dataset (and its skip) here
+        self.dataset.skip = 0
+        return self._count(it)
+
+    def _count(self, it):
+        for batch in it:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._consumed, "seed": self.dataset.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("seed", self.dataset.seed)) != self.dataset.seed:
+            raise DataError(f"resume: data order seed {state['seed']} differs from run.seed {self.dataset.seed}")
+        self._resume = (int(state["epoch"]), int(state["batches"]))
 
     def __len__(self) -> int:
         return len(self.dataset)

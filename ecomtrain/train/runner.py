@@ -63,12 +63,8 @@ def ensure_dataset(cfg: Recipe, log=print) -> dict:
         from ..config import RecipeError
 
         raise RecipeError(f"data.build.input: required for source '{bc.source}'")
-    imp = importers.load(bc.source, src)
-    return B.build(
-        imp, root, event_types=bc.event_types, min_user_events=bc.min_user_events, max_history=bc.max_history,
-        collapse_repeats=bc.collapse_repeats, shard_max_samples=bc.shard_max_samples, shard_max_bytes=bc.shard_max_bytes,
-        seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log,
-    )
+    imp = importers.load(bc.source, src, **bc.importer_options())
+    return B.build(imp, root, **bc.build_options(), seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log)
 
 
 def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
