@@ -49,14 +49,10 @@ def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def write_shard(path: Path, samples: list[dict], extra_members: dict | None = None) -> None:
-    """A webdataset-layout tar of JSON samples (optionally with other members)."""
+    """A webdataset-layout tar of JSON samples (other members, if any, first)."""
+    members = list((extra_members or {}).items()) + [(f"s{i:06d}.json", json.dumps(s).encode()) for i, s in enumerate(samples)]
     with tarfile.open(path, "w") as tar:
-        for i, s in enumerate(samples):
-            data = json.dumps(s).encode()
-            ti = tarfile.TarInfo(f"s{i:06d}.json")
-            ti.size = len(data)
-            tar.addfile(ti, io.BytesIO(data))
-        for name, data in (extra_members or {}).items():
+        for name, data in members:
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             tar.addfile(ti, io.BytesIO(data))

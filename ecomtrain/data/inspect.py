@@ -9,7 +9,7 @@ from .build import SPLITS, load_manifest, sha256_file
 
 def verify_shards(root: Path, manifest: dict) -> list[str]:
     """Problems found (empty when every shard matches its sha256 and count)."""
-    from .stream import _iter_shard
+    from .shardio import _iter_shard
 
     problems = []
     for split, info in manifest["splits"].items():

@@ -21,7 +21,6 @@ Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
 
 from __future__ import annotations
 
-import json
 import random
 import tarfile
 from pathlib import Path
@@ -31,21 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .importers import DataError
-
-ALLOWED_MEMBERS = {"json"}
-
-
-def _iter_shard(path: Path) -> Iterator[dict]:
-    """Samples of one tar shard (webdataset layout: KEY.json members)."""
-    import webdataset as wds
-
-    with open(path, "rb") as stream:
-        for member in wds.tariterators.tar_file_iterator(stream):
-            name = member["fname"]
-            key, _, ext = name.partition(".")
-            if ext not in ALLOWED_MEMBERS:
-                raise DataError(f"{path}: member '{name}' has type '.{ext}'; only JSON samples are read (pickle is refused)")
-            yield json.loads(member["data"])
+from .shardio import ALLOWED_MEMBERS, _iter_shard  # noqa: F401  (re-exported)
 
 
 def balance_shards(shards: list[dict], readers: int) -> list[list[dict]]:
@@ -158,9 +143,18 @@ class ShardStream(IterableDataset):
                 if sh["name"] in bad:
                     continue
                 try:
+                    # a tar cut at a member boundary reads as a shorter, "valid" tar:
+                    # the manifest's byte size and sample count catch that
+                    size, want = path.stat().st_size, sh.get("bytes")
+                    if want is not None and size != want:
+                        raise ValueError(f"{size} bytes, manifest.json says {want} (truncated?)")
+                    n = 0
                     for s in _iter_shard(path):
+                        n += 1
                         yielded = True
                         yield s
+                    if n != sh["num_samples"]:
+                        raise ValueError(f"{n} samples, manifest.json says {sh['num_samples']} (truncated?)")
                 except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
                     if isinstance(exc, DataError) and "pickle" in str(exc):
                         raise
@@ -200,12 +194,17 @@ class ShardStream(IterableDataset):
 
     def _iterate(self, wid: int, nw: int, skip_total: int) -> Iterator[dict]:
         if self.mode == "train":
-            reader = self.rank * nw + wid
+            # The DataLoader takes batches from workers round-robin starting at
+            # worker 0. After skipping k batches the next one belongs to the
+            # reader role k % nw, so worker w plays role (w + k) % nw: a resumed
+            # epoch continues in exactly the uninterrupted order.
+            role = (wid + skip_total) % nw
+            reader = self.rank * nw + role
             rng = random.Random(hash((self.seed, self.epoch, reader)) & 0xFFFFFFFF)
-            # this worker's share of the rank's batches
-            n_batches = self.batches_per_rank // nw + (1 if wid < self.batches_per_rank % nw else 0)
+            # this role's share of the rank's batches
+            n_batches = self.batches_per_rank // nw + (1 if role < self.batches_per_rank % nw else 0)
             stream = self._shuffled(self._samples(self.assignment[reader], rng, cycle=True), rng)
-            skip = skip_total // nw + (1 if wid < skip_total % nw else 0)
+            skip = skip_total // nw + (1 if role < skip_total % nw else 0)
             for b in range(n_batches):
                 batch = [next(stream) for _ in range(self.batch_size)]
                 if b < skip:
