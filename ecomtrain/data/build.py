@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import shutil
+import tarfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -71,7 +72,13 @@ class ShardSink:
 
         name = f"{self.split}-{len(self.shards):06d}.tar"
         self._stream = open(self.out / name, "wb")
-        self._writer = wds.TarWriter(self._stream)
+        # fixed mtime: the same input gives byte-identical shards (and sha256);
+        # encoder=False: payloads are already JSON bytes
+        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=0)
+        # webdataset 1.0 computes its ``format`` argument but never passes it to
+        # tarfile, which then writes PAX headers: ~2x the per-sample cost.
+        # Plain USTAR suffices (member names are ~16 ASCII chars).
+        self._writer.tarstream.format = tarfile.USTAR_FORMAT
         self.shards.append({"name": name, "num_samples": 0})
         self._count = self._bytes = 0
 
@@ -202,6 +209,14 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
     if o["event_types"]:
         ev = ev.filter(pl.col("event").is_in(o["event_types"]))
 
+    phases: dict[str, float] = {}
+    tick = [time.time()]
+
+    def phase(name: str) -> None:
+        now = time.time()
+        phases[name] = round(now - tick[0], 2)
+        tick[0] = now
+
     # 1. stage into hash partitions of users (one streaming pass over the input)
     n_raw = ev.select(pl.len()).collect(engine="streaming").item()
     if n_raw == 0:
@@ -212,6 +227,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         pl.PartitionBy(staged, key="_p", include_key=False), mkdir=True
     )
     log(f"staged {n_raw:,} events into {P} user partition(s)")
+    phase("stage")
 
     # 2. dedupe + stable time order per partition
     dedup_dir = work / "dedup"
@@ -224,9 +240,11 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         parts.append(dst)
     shutil.rmtree(staged)
     n_dedup = pl.scan_parquet(parts).select(pl.len()).collect().item()
+    phase("dedupe_sort")
 
     # 3. k-core
     keep_users, keep_items = _kcore(parts, o["kcore_users"], o["kcore_items"], log)
+    phase("kcore")
 
     # 4. positions per user, per partition
     seq_dir = work / "seqs"
@@ -256,6 +274,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
     event_vocab = sorted((e for e in ev_counts if e is not None), key=lambda e: (FUNNEL.get(e, 99), e))
     channel_vocab = sorted(c for c in ch_counts if c is not None)
     lens = np.concatenate(lengths)
+    phase("sequences")
 
     t_val = t_test = None
     if o["split"] == "temporal":
@@ -300,6 +319,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
                 sinks[s].write_json(payload.encode())
         del seqs, samples
     splits = {s: sinks[s].finish() for s in SPLITS}
+    phase("samples_shards")
     for s in ("val", "test"):
         if splits[s]["num_samples"] == 0:
             log(f"warning: split '{s}' is empty")
@@ -310,6 +330,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         attrs = attrs.collect(engine="streaming").unique("item", keep="first", maintain_order=True)
         cat = cat.join(attrs, on="item", how="left", maintain_order="left")
     cat.write_parquet(out / "items.parquet")
+    phase("catalog")
 
     pct = {f"p{q}": int(np.percentile(lens, q)) for q in (5, 25, 50, 75, 95, 99)}
     manifest = {
@@ -338,6 +359,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
             "events_by_channel": {str(k): int(v) for k, v in sorted(ch_counts.items(), key=lambda kv: str(kv[0]))},
             "history_length": {"min": int(lens.min()), **pct, "max": int(lens.max()), "mean": round(float(lens.mean()), 2)},
             "partitions": len(seq_parts),
+            "phase_seconds": phases,
         },
         "splits": splits,
         "build_seconds": round(time.time() - t_start, 2),
