@@ -90,6 +90,9 @@ def test_mid_epoch_resume_and_determinism(tmp_path, workers):
     assert ids(c) == full0[7:]  # the rest of epoch 0
     assert c.state_dict()["batches"] == len(full0)
     assert ids(c) == full1  # then epoch 1 as usual
+    d = loader()
+    d.load_state_dict({"epoch": 0, "batches": len(full0), "seed": 3})  # saved at the end of epoch 0
+    assert ids(d) == full1
 
 
 def test_eval_every_sample_once_equal_batches(tmp_path):

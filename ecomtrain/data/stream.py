@@ -277,7 +277,9 @@ class EpochLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("seed", self.dataset.seed)) != self.dataset.seed:
             raise DataError(f"resume: data order seed {state['seed']} differs from run.seed {self.dataset.seed}")
-        self._resume = (int(state["epoch"]), int(state["batches"]))
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        # a checkpoint taken after the last batch of an epoch resumes at the next one
+        self._resume = (epoch + 1, 0) if done >= len(self.dataset) else (epoch, done)
 
     def __len__(self) -> int:
         return len(self.dataset)
