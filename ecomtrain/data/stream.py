@@ -8,15 +8,17 @@ Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
   batches per epoch: a reader that runs out of its shards starts them again
   (reshuffled), so uneven shards can never make one rank wait for another
   (which would hang a DDP all-reduce). Order is a pure function of
-  (seed, epoch, rank, worker), and ``skip_batches`` fast-forwards inside an
-  epoch for mid-epoch resume.
+  (seed, epoch, rank, worker); ``EpochLoader.state_dict`` / ``load_state_dict``
+  ({epoch, batches, seed}) resume inside an epoch in the same order.
 - **eval** (``mode="eval"``): every sample is seen exactly once across ranks
   (sample ``i`` goes to rank ``i % world``); ranks with fewer samples get
   padding rows with ``weight = 0`` so all ranks run the same number of batches.
 - Only ``.json`` members are decoded; anything else (``.pyd``, ``.pickle``...)
   is refused: shards never carry pickle.
-- An unreadable shard is skipped and counted; beyond
+- An unreadable shard, or one whose size / sample count differs from the
+  manifest (truncated), is skipped and counted once; beyond
   ``max_corrupt_fraction`` of the shards the reader fails naming the shard.
+  Each reader counts the shards it reads, so the limit applies per reader.
 """
 
 from __future__ import annotations
