@@ -45,9 +45,13 @@ def build_causal_lm(cfg: ModelConfig, num_items: int):
 
         lm = AutoModelForCausalLM.from_pretrained(bb.pretrained, local_files_only=True, attention_dropout=cfg.attention_dropout)
         tok = AutoTokenizer.from_pretrained(bb.pretrained, local_files_only=True)
-        base = len(tok)
         tok.add_tokens([f"<item_{i}>" for i in range(1, num_items + 1)])
-        lm.resize_token_embeddings(base + num_items)
+        base = tok.convert_tokens_to_ids("<item_1>")
+        if tok.convert_tokens_to_ids(f"<item_{num_items}>") != base + num_items - 1:
+            raise ValueError(f"{bb.pretrained}: item tokens did not get contiguous ids in the tokenizer")
+        # real checkpoints often pad the embedding past len(tokenizer) (Qwen2: 151,936 rows for
+        # 151,665 tokens); never shrink it, grow it to hold the last item token
+        lm.resize_token_embeddings(max(len(tok), lm.get_input_embeddings().weight.shape[0]))
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         return lm, ItemVocab(num_items, base, pad), tok
 
