@@ -44,6 +44,10 @@ def test_quickstart_end_to_end(quickstart_run):
     # W&B ran offline (no key) and wrote a real run folder
     runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert runs and any(runs[0].glob("*.wandb"))
+    # ...that holds the loss, learning rate, metrics and the resolved recipe
+    record = next(runs[0].glob("*.wandb")).read_bytes()
+    for key in (b"train/loss", b"lr-AdamW", b"val/ndcg@10", b"test/ndcg@10", b"baseline/popularity/test/ndcg@10", b"max_history"):
+        assert key in record, key
     # the resolved recipe holds the overrides
     assert "num_users: 400" in (run_dir / "recipe.yaml").read_text()
 
