@@ -1,0 +1,246 @@
+"""Streaming reader of built shards: split by rank and worker, equal batches.
+
+Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
+
+- **train** (``mode="train"``): shards are dealt to the ``world_size x
+  num_workers`` readers, balanced by sample count (empty shards are skipped).
+  Every rank yields exactly ``batches_per_rank = num_samples // (world * B)``
+  batches per epoch: a reader that runs out of its shards starts them again
+  (reshuffled), so uneven shards can never make one rank wait for another
+  (which would hang a DDP all-reduce). Order is a pure function of
+  (seed, epoch, rank, worker), and ``skip_batches`` fast-forwards inside an
+  epoch for mid-epoch resume.
+- **eval** (``mode="eval"``): every sample is seen exactly once across ranks
+  (sample ``i`` goes to rank ``i % world``); ranks with fewer samples get
+  padding rows with ``weight = 0`` so all ranks run the same number of batches.
+- Only ``.json`` members are decoded; anything else (``.pyd``, ``.pickle``...)
+  is refused: shards never carry pickle.
+- An unreadable shard is skipped and counted; beyond
+  ``max_corrupt_fraction`` of the shards the reader fails naming the shard.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .importers import DataError
+
+ALLOWED_MEMBERS = {"json"}
+
+
+def _iter_shard(path: Path) -> Iterator[dict]:
+    """Samples of one tar shard (webdataset layout: KEY.json members)."""
+    import webdataset as wds
+
+    with open(path, "rb") as stream:
+        for member in wds.tariterators.tar_file_iterator(stream):
+            name = member["fname"]
+            key, _, ext = name.partition(".")
+            if ext not in ALLOWED_MEMBERS:
+                raise DataError(f"{path}: member '{name}' has type '.{ext}'; only JSON samples are read (pickle is refused)")
+            yield json.loads(member["data"])
+
+
+def balance_shards(shards: list[dict], readers: int) -> list[list[dict]]:
+    """Deal non-empty shards to readers, largest first, to the lightest reader."""
+    buckets: list[list[dict]] = [[] for _ in range(readers)]
+    loads = [0] * readers
+    for sh in sorted((s for s in shards if s["num_samples"] > 0), key=lambda s: (-s["num_samples"], s["name"])):
+        j = min(range(readers), key=lambda k: (loads[k], k))
+        buckets[j].append(sh)
+        loads[j] += sh["num_samples"]
+    return buckets
+
+
+class ShardStream(IterableDataset):
+    """Yields collated batches (use with ``DataLoader(batch_size=None)``)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        manifest: dict,
+        collate: Callable[[list[dict]], dict],
+        batch_size: int,
+        *,
+        mode: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        max_corrupt_fraction: float = 0.0,
+        pad_sample: Optional[dict] = None,
+    ):
+        self.root = Path(root)
+        self.split = split
+        info = manifest["splits"].get(split)
+        if info is None:
+            raise DataError(f"{self.root}/manifest.json: no split '{split}'")
+        self.shards = info["shards"]
+        self.num_samples = int(info["num_samples"])
+        if self.num_samples == 0:
+            raise DataError(f"{self.root}: split '{split}' is empty (0 samples); rebuild with more data or a different split")
+        self.collate = collate
+        self.batch_size = batch_size
+        self.mode = mode
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.pad_sample = pad_sample
+        self.epoch = 0
+        self.skip = 0  # batches to skip at the start of the next epoch (resume)
+        for sh in self.shards:
+            if not (self.root / sh["name"]).is_file():
+                raise DataError(f"{self.root}: shard '{sh['name']}' listed in manifest.json is missing")
+        if mode == "train":
+            readers = self.world_size * self.num_workers
+            self.assignment = balance_shards(self.shards, readers)
+            if any(not b for b in self.assignment):
+                nonempty = sum(1 for s in self.shards if s["num_samples"] > 0)
+                raise DataError(
+                    f"{self.root}: split '{split}' has {nonempty} non-empty shards but {world_size} ranks x "
+                    f"{self.num_workers} workers = {readers} readers need one each; rebuild with a smaller "
+                    f"shard_max_samples or lower data.num_workers"
+                )
+            self.batches_per_rank = self.num_samples // (self.world_size * self.batch_size)
+            if self.batches_per_rank == 0:
+                raise DataError(
+                    f"{self.root}: split '{split}' has {self.num_samples} samples, fewer than one batch of "
+                    f"{self.batch_size} per rank on {self.world_size} ranks"
+                )
+        else:
+            per_rank = -(-self.num_samples // self.world_size)
+            self.batches_per_rank = -(-per_rank // self.batch_size)
+
+    # -- epoch / resume state
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "skip": self.skip, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.skip = int(state["epoch"]), int(state.get("skip", 0))
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    # -- iteration
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        if info is None:
+            return 0, 1
+        if info.num_workers != self.num_workers:
+            raise DataError(f"ShardStream built for {self.num_workers} workers but the DataLoader has {info.num_workers}")
+        return info.id, info.num_workers
+
+    def _samples(self, shards: list[dict], rng: random.Random, cycle: bool) -> Iterator[dict]:
+        bad = 0
+        limit = self.max_corrupt_fraction * len(self.shards)
+        while True:
+            order = list(shards)
+            if self.mode == "train":
+                rng.shuffle(order)
+            yielded = False
+            for sh in order:
+                path = self.root / sh["name"]
+                try:
+                    for s in _iter_shard(path):
+                        yielded = True
+                        yield s
+                except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+                    if isinstance(exc, DataError) and "pickle" in str(exc):
+                        raise
+                    bad += 1
+                    if bad > limit:
+                        raise DataError(
+                            f"{path}: unreadable shard ({type(exc).__name__}: {exc}); {bad} bad shard(s) exceed "
+                            f"data.max_corrupt_fraction={self.max_corrupt_fraction} of {len(self.shards)}"
+                        ) from None
+                    print(f"[ecomtrain] warning: skipped unreadable shard {path} ({bad} so far)")
+            if not cycle:
+                return
+            if not yielded:
+                raise DataError(f"{self.root}: no readable sample in shards {[s['name'] for s in shards]}")
+
+    def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from it
+            return
+        buf: list[dict] = []
+        for s in it:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], s = s, buf[j]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        wid, nw = self._worker()
+        if self.mode == "train":
+            reader = self.rank * nw + wid
+            rng = random.Random(hash((self.seed, self.epoch, reader)) & 0xFFFFFFFF)
+            # this worker's share of the rank's batches
+            n_batches = self.batches_per_rank // nw + (1 if wid < self.batches_per_rank % nw else 0)
+            stream = self._shuffled(self._samples(self.assignment[reader], rng, cycle=True), rng)
+            skip = self.skip // nw + (1 if wid < self.skip % nw else 0)
+            self.skip = 0
+            for b in range(n_batches):
+                batch = [next(stream) for _ in range(self.batch_size)]
+                if b < skip:
+                    continue
+                yield self.collate(batch)
+            return
+        # eval: sample-level split, padded to the same batch count on every rank
+        reader, readers = self.rank * nw + wid, self.world_size * nw
+        rng = random.Random(0)
+        mine = (s for i, s in enumerate(self._samples(self.shards, rng, cycle=False)) if i % readers == reader)
+        n_batches = self.batches_per_rank // nw + (1 if wid < self.batches_per_rank % nw else 0)
+        for _ in range(n_batches):
+            batch = []
+            for s in mine:
+                batch.append(s)
+                if len(batch) == self.batch_size:
+                    break
+            weights = [1.0] * len(batch)
+            while len(batch) < self.batch_size and self.pad_sample is not None:
+                batch.append(self.pad_sample)
+                weights.append(0.0)
+            if not batch:
+                return
+            out = self.collate(batch)
+            out["weight"] = torch.tensor(weights)
+            yield out
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its ShardStream which epoch starts at each iter().
+
+    Lightning only calls ``set_epoch`` on samplers; an IterableDataset copied
+    into workers would otherwise replay epoch 0 forever.
+    """
+
+    def __init__(self, dataset: ShardStream, num_workers: int = 0, first_epoch: int = 0, **kw):
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, **kw)
+        self._next_epoch = first_epoch
+
+    def __iter__(self):
+        self.dataset.set_epoch(self._next_epoch)
+        self._next_epoch += 1
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
