@@ -69,3 +69,22 @@ def test_collate_and_mask_seen():
     assert e["items"].tolist() == [[2, 3, 4]] and e["lengths"].tolist() == [3] and e["seen"].tolist() == [[1, 2, 3, 4]]
     s = NextItemTask.mask_seen(torch.zeros(1, 10), e["seen"])
     assert torch.isinf(s[0, :4]).all() and torch.isfinite(s[0, 4:]).all()
+
+
+def test_hidden_dropout_only_in_training(tmp_path):
+    cfg = validate_tree(tiny_recipe(tmp_path, tmp_path, model__hidden_dropout=0.5))
+    lm, vocab, _ = build_causal_lm(cfg.model, num_items=12)
+    net = ItemLM(lm, vocab, dropout=0.0, hidden_dropout=0.5)
+    items = torch.tensor([[1, 2, 3, 4]])
+    net.eval()
+    a, b = net(items), net(items)
+    assert torch.equal(a, b)
+    net.train()
+    torch.manual_seed(0)
+    c = net(items)
+    torch.manual_seed(1)
+    assert not torch.allclose(c, net(items))
+    lm2, _, _ = build_causal_lm(cfg.model, num_items=12)
+    plain = ItemLM(lm2, vocab, dropout=0.0, hidden_dropout=0.0)
+    plain.train()
+    assert torch.allclose(plain(items), plain(items))
