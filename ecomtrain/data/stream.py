@@ -192,7 +192,8 @@ class ShardStream(IterableDataset):
         # read worker id and resume skip now, not when the generator first runs:
         # the loader clears ``skip`` right after creating the iterator
         wid, nw = self._worker()
-        return self._iterate(wid, nw, self.skip)
+        skip, self.skip = self.skip, 0  # a resume skip applies to one epoch only
+        return self._iterate(wid, nw, skip)
 
     def _iterate(self, wid: int, nw: int, skip_total: int) -> Iterator[dict]:
         if self.mode == "train":
