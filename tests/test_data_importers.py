@@ -200,3 +200,25 @@ def test_empty_inputs(tmp_path):
     imp = importers.load("table", tmp_path / "short.csv")
     with pytest.raises(DataError, match="no user has 3 or more events"):
         build.build(imp, tmp_path / "o", log=lambda *_: None)
+
+
+def test_cli_flags_and_recipe_reach_the_build(tmp_path):
+    f = tmp_path / "ev.tsv"
+    _frame().write_csv(f, separator="\t")
+    out = tmp_path / "cli"
+    r = cli("data", "build", "--source", "table", "--input", str(f), "--out", str(out), "--columns",
+            "user=visitor,item=sku,ts=time,event=kind,channel=app,value=amount", "--event-weights", "cart=2,purchase=4",
+            "--session-gap", "1000", "--max-history", "10", "--no-collapse-repeats")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["split"]["event_weights"] == {"cart": 2.0, "purchase": 4.0} and m["split"]["session_gap"] == 1000
+    r = cli("data", "build", "--source", "table", "--input", str(f), "--out", str(out), "--columns", "user")
+    assert r.returncode == 2 and "not KEY=VALUE" in r.stderr
+    # the same options from a recipe, through the trainer's ensure_dataset
+    from ecomtrain.config import Recipe
+    from ecomtrain.train.runner import ensure_dataset
+
+    cfg = Recipe.model_validate({"data": {"path": str(tmp_path / "rec"), "build": {
+        "source": "table", "input": str(f), "columns": _MAP, "split": "temporal", "session_gap": 1000, "kcore_items": 1}}})
+    m = ensure_dataset(cfg, log=lambda *_: None)
+    assert m["split"]["method"] == "temporal" and m["split"]["session_gap"] == 1000 and m["source"]["source"] == "table"
