@@ -92,6 +92,7 @@ class ModelConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on input embeddings (item-token dropout regularises tiny data).")
     attention_dropout: float = Field(0.0, ge=0, lt=1)
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on each attention and MLP output (the residual branches); HF Qwen2/Llama have none of their own.")
     activation_checkpointing: bool = False
 
 

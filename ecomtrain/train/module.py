@@ -65,7 +65,7 @@ class RecModule(L.LightningModule):
         from ..model.adapters import apply_finetune_method
 
         lm = apply_finetune_method(lm, self.cfg, vocab)
-        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok)
+        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout)
 
     # -- steps
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
