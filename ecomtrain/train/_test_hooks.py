@@ -7,6 +7,7 @@
                                                  only rank 1 exits, and only on the first attempt
                                                  (TORCHELASTIC_RESTART_COUNT / SLURM_RESTART_COUNT = 0)
     ECOMTRAIN_TEST_HOOKS="pause_at=3"            first attempt waits at step 3 for the preemption signal
+    ECOMTRAIN_TEST_HOOKS="signal_at=2"           first attempt sends itself SIGUSR1 after step 2
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def maybe_pause(trainer, o: dict[str, int]) -> None:
 def maybe_crash(trainer) -> None:
     o = _opts()
     maybe_pause(trainer, o)
+    if "signal_at" in o and trainer.global_step == o["signal_at"] and _attempt() == 0:
+        import signal
+
+        signal.raise_signal(signal.SIGUSR1)  # as if Slurm's time-limit warning arrived now
     if "crash_at" in o and trainer.global_step == o["crash_at"]:
         if "crash_rank" in o and trainer.global_rank != o["crash_rank"]:
             return
