@@ -9,9 +9,9 @@ it to ``srun``, which forwards it to every task. Then, in each training process:
 2. at the end of the next training batch, :class:`StopOnSignal` ORs the flag over all ranks
    (one 1-element all-reduce per step, ~0.1 ms on gloo/NCCL), so every rank stops at the *same*
    step even when the signal reached them at different steps;
-3. ``trainer.should_stop`` ends ``fit`` after that batch, and at ``on_train_end`` all ranks write a
-   checkpoint through the run's ``AtomicCheckpoint`` (temporary name, rename, ``last.ckpt`` moved to
-   it) unless a periodic one for that step exists already;
+3. all ranks write a checkpoint through the run's ``AtomicCheckpoint`` (temporary name, rename,
+   ``last.ckpt`` moved to it) and raise :class:`Preempted`, which ends ``fit`` at once (no
+   validation, which ``trainer.should_stop`` would run first);
 4. the runner skips the final evaluation and the process exits with :data:`EXIT_PREEMPTED` (75,
    BSD ``EX_TEMPFAIL``: "try again later"); the batch script sees it and runs
    ``scontrol requeue``. The requeued job has the same ``SLURM_JOB_ID``, hence the same RUN_DIR,
@@ -89,7 +89,7 @@ def _save_now(trainer) -> Optional[Path]:
     cb = cbs[0]
     ck = Path(cb.dirpath)
     done = [p for p in complete_checkpoints(ck) if step_of(p) == trainer.global_step]
-    if done:  # this step is already on disk (a periodic checkpoint just ran); every rank sees the same
+    if done:  # this step is already on disk; every rank sees the same folder (saves end in a barrier)
         return done[-1]
     final = ck / f"last-step{trainer.global_step}.ckpt"
     cb._save_checkpoint(trainer, str(final))
@@ -111,18 +111,17 @@ class StopOnSignal(Callback):
             sys.stdout.flush()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.stopped_at is not None:
+        if not trainer.strategy.reduce_boolean_decision(requested(), all=False):
             return
-        if trainer.strategy.reduce_boolean_decision(requested(), all=False):
-            self.stopped_at = trainer.global_step
-            trainer.should_stop = True  # fit ends after this batch; on_train_end below writes the state
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        # here rather than at the batch end: a periodic checkpoint due at this very step has then
-        # been written already (checkpoint callbacks run last) and _save_now reuses it
-        if self.stopped_at is None:
-            return
+        self.stopped_at = trainer.global_step
         self.checkpoint = _save_now(trainer)
         if trainer.is_global_zero:
             self._print(f"preemption signal: checkpoint at step {self.stopped_at} -> {self.checkpoint}; stopping")
             sys.stdout.flush()
+        # not trainer.should_stop: Lightning would then run a full validation before stopping,
+        # which can overrun the 120 s left before the time limit
+        raise Preempted(self.stopped_at)
+
+
+class Preempted(Exception):
+    """Raised by StopOnSignal on every rank once the checkpoint is written; ``train`` exits 75 on it."""

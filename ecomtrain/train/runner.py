@@ -205,12 +205,13 @@ def train(cfg: Recipe, log=print) -> Path:
     ckpt = resume_path(tc.resume, run_dir)
     if ckpt and is_zero:
         log(f"resuming from {ckpt}")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
-    if stop_on_signal.stopped_at is not None:
-        # preempted: the checkpoint is written; evaluating now would overrun the time limit
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    except preemption.Preempted as stop:
+        # the checkpoint is written; evaluating now would overrun the time limit
         if is_zero:
-            log(f"preempted at step {stop_on_signal.stopped_at}; exit {preemption.EXIT_PREEMPTED} (resume with trainer.resume=auto)")
-        raise SystemExit(preemption.EXIT_PREEMPTED)
+            log(f"preempted at step {stop}; exit {preemption.EXIT_PREEMPTED} (resume with trainer.resume=auto)")
+        raise SystemExit(preemption.EXIT_PREEMPTED) from None
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     which = "best" if (tc.test_ckpt == "best" and best) else "last"
