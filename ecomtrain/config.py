@@ -214,6 +214,16 @@ class EarlyStoppingConfig(_Section):
     mode: Literal["max", "min"] = "max"
 
 
+class PreemptionConfig(_Section):
+    """Checkpoint-and-stop on a signal, for Slurm requeue and torchrun restarts (see launch/README.md)."""
+
+    signal: Literal["SIGUSR1", "SIGUSR2", "none"] = Field(
+        "SIGUSR1",
+        description="On this signal every rank checkpoints at the same step and the run exits with status 75 "
+        "(launch/slurm.sbatch then requeues it; resume=auto continues). 'none': the signal keeps its default action.",
+    )
+
+
 class TrainerConfig(_Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: Union[int, Literal["auto"]] = 1
@@ -233,6 +243,7 @@ class TrainerConfig(_Section):
     progress_bar: bool = True
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     resume: Optional[str] = Field(
         None, description="'auto' (newest complete checkpoint in RUN_DIR/checkpoints, or a fresh start if none) or a checkpoint path (file, or folder for DeepSpeed)."
