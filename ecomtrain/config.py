@@ -176,16 +176,51 @@ class OptimConfig(_Section):
 
 # ----------------------------------------------------------------------- trainer
 class StrategyConfig(_Section):
+    """How the model is spread over processes (see docs/dist.md).
+
+    ``auto``/``single``: one process. ``ddp``: a full replica per process, gradients all-reduced.
+    ``deepspeed``: ZeRO stage 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters).
+    The same recipe runs on CPU (gloo) and CUDA (nccl); the backend follows the accelerator.
+    """
+
     name: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
-    zero_stage: Literal[1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    deepspeed_config: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config keys merged on top.")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (only for name=deepspeed).")
+    offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer states (and the step) in CPU memory (stage 1-3).")
+    offload_params: bool = Field(False, description="ZeRO-3 only: keep parameters in CPU memory between uses.")
+    offload_device: Literal["cpu", "nvme"] = Field("cpu", description="Where offloaded tensors live.")
+    nvme_path: str = Field("/local_nvme", description="Folder for offload_device=nvme.")
+    process_group_timeout_s: int = Field(1800, gt=0, description="Collective timeout; a hung rank fails after this many seconds.")
+    find_unused_parameters: bool = Field(False, description="DDP: tolerate parameters without gradients (slower; needed for some adapters).")
+    deepspeed_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra DeepSpeed config keys, deep-merged on top of the generated config "
+        "(e.g. {zero_optimization: {reduce_bucket_size: 5e7}}). gradient_accumulation_steps is "
+        "set from trainer.accumulate_grad_batches and may not appear here.",
+    )
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _no_grad_accum(cls, v: dict) -> dict:
+        if "gradient_accumulation_steps" in v:
+            raise ValueError("set trainer.accumulate_grad_batches instead of deepspeed_config.gradient_accumulation_steps")
+        return v
 
 
 class CheckpointConfig(_Section):
-    every_n_steps: Optional[int] = Field(None, gt=0, description="Also checkpoint every N optimizer steps.")
-    keep_last: int = Field(2, gt=0)
+    """Checkpoints in RUN_DIR/checkpoints, each written under a temporary name and renamed when complete."""
+
+    every_n_steps: Optional[int] = Field(None, gt=0, description="Also checkpoint every N optimizer steps (step<N>.ckpt).")
+    keep_last: int = Field(2, gt=0, description="How many periodic step checkpoints to keep (oldest deleted first).")
+    save_last: bool = Field(True, description="Keep checkpoints/last.ckpt pointing at the newest complete checkpoint.")
+
+
+class NonFiniteConfig(_Section):
+    """What every rank does when the training loss is NaN/inf on any rank."""
+
+    action: Literal["stop", "skip"] = Field(
+        "stop", description="stop: end the run with an error (no checkpoint is written); skip: drop that batch's update."
+    )
+    max_skips: int = Field(10, ge=0, description="action=skip: stop once more than this many steps were skipped in the run.")
 
 
 class EarlyStoppingConfig(_Section):
@@ -199,20 +234,25 @@ class TrainerConfig(_Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: Union[int, Literal["auto"]] = 1
     num_nodes: int = Field(1, gt=0)
-    precision: Literal["32", "16-mixed", "bf16-mixed", "bf16-true"] = "32"
+    precision: Literal["32", "16-mixed", "bf16-mixed", "bf16-true"] = Field(
+        "32", description="32: fp32. bf16-mixed / 16-mixed: autocast (fp16 adds loss scaling; CUDA only). bf16-true: weights in bf16."
+    )
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     max_epochs: int = Field(1, gt=0)
     max_steps: int = Field(-1, ge=-1)
-    accumulate_grad_batches: int = Field(1, gt=0)
-    gradient_clip_val: Optional[float] = Field(1.0, ge=0)
+    accumulate_grad_batches: int = Field(1, gt=0, description="Micro-batches per optimizer step (global batch = batch_size x devices x nodes x this).")
+    gradient_clip_val: Optional[float] = Field(1.0, ge=0, description="Clip the global gradient norm to this value (None or 0 = off); DeepSpeed clips internally.")
     check_val_every_n_epoch: int = Field(1, gt=0)
     log_every_n_steps: int = Field(10, gt=0)
     limit_train_batches: Optional[Union[int, float]] = None
     limit_val_batches: Optional[Union[int, float]] = None
     progress_bar: bool = True
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    resume: Optional[str] = Field(None, description="'auto' (last checkpoint in RUN_DIR) or a checkpoint path.")
+    resume: Optional[str] = Field(
+        None, description="'auto' (newest complete checkpoint in RUN_DIR/checkpoints, or a fresh start if none) or a checkpoint path (file, or folder for DeepSpeed)."
+    )
     test_ckpt: Literal["best", "last"] = Field("best", description="Checkpoint used for the final test: best on the validation monitor, or the last weights.")
 
     @field_validator("precision", mode="before")

@@ -149,7 +149,7 @@ def train(cfg: Recipe, log=print) -> Path:
     accelerator = resolve_accelerator(tc)
     loggers = make_loggers(cfg, run_dir, recipe_tree)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, accelerator),
+        accelerator=accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, accelerator, cfg.data.batch_size),
         precision=tc.precision, max_epochs=tc.max_epochs, max_steps=tc.max_steps,
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
