@@ -63,7 +63,10 @@ class RecModule(L.LightningModule):
         lm, vocab, tok = build_causal_lm(self.cfg.model, self.num_items)
         if self.cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        lm = apply_finetune_method(lm, self.cfg, vocab)
+        from .peft_compat import cpu_safe_peft
+
+        with cpu_safe_peft():  # peft's ZeRO-3 path for item-token rows assumes CUDA
+            lm = apply_finetune_method(lm, self.cfg, vocab)
         self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok)
 
     # -- steps
