@@ -193,3 +193,44 @@ def trainable_parameter_count(module: nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     total = sum(p.numel() for p in module.parameters())
     return trainable, total
+
+
+def set_rank_pattern(lm: nn.Module, rank_pattern: Optional[dict]) -> None:
+    """Restore a trained AdaLoRA rank pattern (from a checkpoint) so save_pretrained trims to it."""
+    tuner = adalora_tuner(lm)
+    if tuner is not None and rank_pattern:
+        tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = dict(rank_pattern)
+
+
+def export_adapter(lm: nn.Module, out_dir, tokenizer=None, merge: bool = False) -> dict[str, str]:
+    """Write a peft model as ``out_dir/adapter`` (safetensors) + ``out_dir/base`` (the exported base model)
+    and, with ``merge``, ``out_dir/merged`` (adapter folded into a plain HF model).
+
+    ``base`` is the backbone with the item tokens appended and the adapters removed
+    (peft ``unload``), so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)``
+    rebuilds the trained model with plain peft. The item-token rows travel in the
+    adapter (``trainable_tokens_delta``); the embedding matrix itself is not copied
+    into it (``save_embedding_layers=False``): the base already has the resized vocabulary.
+    ``lm`` is consumed (unloaded) by this call.
+    """
+    from pathlib import Path
+
+    pm = peft_model(lm)
+    if pm is None:
+        raise FinetuneError("export_adapter: finetune.method is 'full'; export the model with save_pretrained instead")
+    out = Path(out_dir)
+    paths = {"adapter": str(out / "adapter"), "base": str(out / "base")}
+    pm.save_pretrained(paths["adapter"], safe_serialization=True, save_embedding_layers=False)
+    base = pm.unload()  # adapters and token wrappers removed; original base weights
+    base.save_pretrained(paths["base"], safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(paths["base"])
+    if merge:
+        import peft
+
+        paths["merged"] = str(out / "merged")
+        merged = peft.PeftModel.from_pretrained(base, paths["adapter"]).merge_and_unload()
+        merged.save_pretrained(paths["merged"], safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(paths["merged"])
+    return paths
