@@ -1,4 +1,11 @@
-"""LightningDataModule over built WebDataset shards (see data/stream.py)."""
+"""LightningDataModule over built WebDataset shards (see data/stream.py).
+
+Resume: the datamodule's state in a checkpoint is (epoch, batches consumed in that
+epoch on this rank). On restore the train stream fast-forwards past exactly those
+batches (``ShardStream.skip``; the order is a pure function of seed, epoch, rank and
+worker), so a resumed run sees the same batches at the same steps as an
+uninterrupted one.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,15 @@ from ..data.build import load_manifest
 from ..data.stream import EpochLoader, ShardStream
 
 
+class _ResumableLoader(EpochLoader):
+    def __iter__(self):
+        it = super().__iter__()
+        # workers (if any) copied the dataset, skip included, when the iterator started:
+        # later epochs must start at batch 0 again
+        self.dataset.skip = 0
+        return it
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, cfg: Recipe, task, manifest: dict | None = None):
         super().__init__()
@@ -19,10 +35,25 @@ class ShardDataModule(L.LightningDataModule):
         self.root = Path(cfg.data.path)
         self.manifest = manifest or load_manifest(self.root)
         self._train: ShardStream | None = None
+        self._resume: dict | None = None
 
     def _topology(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    # -- resume state (Lightning stores it in every checkpoint)
+    def state_dict(self) -> dict:
+        t = self.trainer
+        if t is None:
+            return {}
+        # batches this rank has taken from the current epoch's stream (the one just trained included:
+        # checkpoints are written from on_train_batch_end, before Lightning counts it completed)
+        done = t.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(t.current_epoch), "batches_in_epoch": int(done), "world_size": int(t.world_size)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._resume = dict(state)
 
     def train_dataloader(self):
         d = self.cfg.data
@@ -33,7 +64,19 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=d.shuffle_buffer, seed=self.cfg.run.seed, max_corrupt_fraction=d.max_corrupt_fraction,
         )
         first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return EpochLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch)
+        st, self._resume = self._resume, None
+        if st and int(st.get("epoch", -1)) == first_epoch:
+            if int(st.get("world_size", world)) != world:
+                raise RuntimeError(
+                    f"resume: the checkpoint was written by {st['world_size']} ranks but this run has {world}; "
+                    "the data position inside the epoch cannot be mapped (resume with the same devices x num_nodes)"
+                )
+            skip = int(st.get("batches_in_epoch", 0))
+            if skip >= len(self._train):
+                # the checkpoint closed the epoch: the next one starts fresh
+                first_epoch, skip = first_epoch + 1, 0
+            self._train.skip = skip
+        return _ResumableLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch)
 
     def _eval_loader(self, split: str):
         d = self.cfg.data

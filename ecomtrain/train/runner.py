@@ -91,21 +91,25 @@ def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
 
 
 def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
+
+    from .checkpointing import AtomicCheckpoint, ResumeState
 
     tc = cfg.trainer
+    ck = str(run_dir / "checkpoints")
     cbs = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
-            monitor="val/ndcg@10", mode="max", save_top_k=1, save_last=True,
-        )
+        ResumeState(),
+        AtomicCheckpoint(
+            dirpath=ck, filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
+            monitor="val/ndcg@10", mode="max", save_top_k=1, save_last=tc.checkpoint.save_last,
+        ),
     ]
     if tc.checkpoint.every_n_steps:
         cbs.append(
-            ModelCheckpoint(
-                dirpath=str(run_dir / "checkpoints"), filename="step{step}", auto_insert_metric_name=False,
+            AtomicCheckpoint(
+                dirpath=ck, filename="step{step}", auto_insert_metric_name=False,
                 every_n_train_steps=tc.checkpoint.every_n_steps, save_top_k=tc.checkpoint.keep_last,
-                monitor="step", mode="max",
+                monitor="step", mode="max", save_last=False,
             )
         )
     if cfg.finetune.method == "adalora":
@@ -120,6 +124,45 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
     if tc.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, tc.log_every_n_steps // 2)))
     return cbs
+
+
+def resume_path(resume: Optional[str], run_dir: Path) -> Optional[str]:
+    """``trainer.resume``: None, 'auto' (newest complete checkpoint of RUN_DIR, or a fresh start) or a path."""
+    from .checkpointing import find_resume
+
+    if not resume:
+        return None
+    if resume == "auto":
+        found = find_resume(run_dir)
+        return str(found) if found else None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"trainer.resume: checkpoint not found: {path}")
+    return str(path.resolve())
+
+
+def eval_checkpoint(trainer, run_dir: Path, which: str) -> Optional[str]:
+    """The checkpoint the final validate/test load (the resolved best or last one).
+
+    A DeepSpeed ZeRO-3 folder cannot be loaded into DeepSpeed's inference engine (it has no
+    optimizer to take the partitions), so rank 0 consolidates it into one fp32 file first and the
+    strategy loads that with ``load_full_weights`` (gathering each layer into its shards).
+    """
+    from .checkpointing import consolidate_deepspeed, find_resume, is_deepspeed_checkpoint
+
+    cb = trainer.checkpoint_callback
+    path = Path(cb.best_model_path) if which == "best" and cb and cb.best_model_path else find_resume(run_dir)
+    if path is None or not path.exists():
+        return None  # nothing saved (checkpointing off): evaluate the weights in memory
+    strategy = trainer.strategy
+    if is_deepspeed_checkpoint(path) and getattr(strategy, "zero_stage_3", False):
+        out = run_dir / "checkpoints" / f".eval-{path.name}.pt"
+        if trainer.is_global_zero:
+            consolidate_deepspeed(path, out)
+        strategy.barrier("ecomtrain.consolidate")
+        strategy.load_full_weights = True
+        return str(out)
+    return str(path)
 
 
 def train(cfg: Recipe, log=print) -> Path:
@@ -158,21 +201,21 @@ def train(cfg: Recipe, log=print) -> Path:
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, deterministic=False,
     )
-    ckpt = None
-    if tc.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt = str(last) if last.exists() else None
-    elif tc.resume:
-        ckpt = tc.resume
+    ckpt = resume_path(tc.resume, run_dir)
+    if ckpt and is_zero:
+        log(f"resuming from {ckpt}")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     which = "best" if (tc.test_ckpt == "best" and best) else "last"
+    eval_ckpt = eval_checkpoint(trainer, run_dir, which)
     metrics: dict = {}
-    for res in trainer.validate(module, datamodule=dm, ckpt_path=which, verbose=False):
+    for res in trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False):
         metrics.update(res)
-    for res in trainer.test(module, datamodule=dm, ckpt_path=which, verbose=False):
+    for res in trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False):
         metrics.update(res)
+    if eval_ckpt and Path(eval_ckpt).name.startswith(".eval-") and trainer.is_global_zero:
+        Path(eval_ckpt).unlink(missing_ok=True)  # the consolidated ZeRO-3 copy was only for this
     metrics = {k: float(v) for k, v in sorted(metrics.items()) if "/" in k}
     metrics.update(
         {
