@@ -17,5 +17,6 @@ def tiny_data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_data")
     synth.write(root / "raw", num_users=200, num_items=80, seed=0)
-    build.build(importers.load("synth", root / "raw"), root / "built", seed=0, log=lambda *a: None)
+    # 40 samples per shard: 5 shards per split, enough for 2 ranks x 2 readers
+    build.build(importers.load("synth", root / "raw"), root / "built", seed=0, shard_max_samples=40, log=lambda *a: None)
     return root / "built"

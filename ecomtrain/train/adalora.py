@@ -227,6 +227,10 @@ class AdaLoraAllocator(Callback):
         return ref
 
     # ------------------------------------------------------------- checkpoint
+    @property
+    def state_key(self) -> str:
+        return "AdaLoraAllocator"  # fixed (subclasses too): export looks the rank pattern up by it
+
     def state_dict(self) -> dict:
         if self._module is None:
             return {}
@@ -243,7 +247,5 @@ class AdaLoraAllocator(Callback):
 
 def rank_pattern_from_checkpoint(checkpoint: dict) -> Optional[dict]:
     """The AdaLoRA rank pattern a run's checkpoint holds (None when it has none)."""
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if "AdaLoraAllocator" in str(key) and isinstance(state, dict):
-            return state.get("rank_pattern")
-    return None
+    state = (checkpoint.get("callbacks") or {}).get("AdaLoraAllocator")
+    return state.get("rank_pattern") if isinstance(state, dict) else None
