@@ -1,4 +1,4 @@
-"""Shared test fixtures: tiny synthetic shop data, built once per session."""
+"""Shared fixtures: a tiny built dataset (200 users, 80 items) made once per session."""
 
 from __future__ import annotations
 
@@ -7,16 +7,14 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
 
 
 @pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory):
-    """A built dataset folder (200 users, 80 items) usable as ``data.path``."""
+def tiny_dataset(tmp_path_factory):
+    """A built dataset folder (manifest.json, items.parquet, 4 train shards of <=50 samples)."""
     from ecomtrain.data import build, importers, synth
 
-    root = tmp_path_factory.mktemp("tiny_data")
+    root = tmp_path_factory.mktemp("tiny")
     synth.write(root / "raw", num_users=200, num_items=80, seed=0)
-    # 40 samples per shard: 5 shards per split, enough for 2 ranks x 2 readers
-    build.build(importers.load("synth", root / "raw"), root / "built", seed=0, shard_max_samples=40, log=lambda *a: None)
-    return root / "built"
+    build.build(importers.load("synth", root / "raw"), root / "ds", shard_max_samples=50, log=lambda *_: None)
+    return root / "ds"

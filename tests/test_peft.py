@@ -195,7 +195,7 @@ def test_export_reloads_with_plain_peft_and_merges(tmp_path):
         assert max(err[method]) < 1e-5, (method, err[method])
 
 
-def test_adalora_allocates_once_per_optimizer_step(tiny_data, tmp_path):
+def test_adalora_allocates_once_per_optimizer_step(tiny_dataset, tmp_path):
     """accumulate_grad_batches=2: one allocation per optimizer step, budget init_r -> target_r per module."""
     import lightning as L
 
@@ -205,13 +205,13 @@ def test_adalora_allocates_once_per_optimizer_step(tiny_data, tmp_path):
     from ecomtrain.train.module import RecModule, make_task
 
     tree = {
-        "data": {"path": str(tiny_data), "batch_size": 16, "shuffle_buffer": 0},
+        "data": {"path": str(tiny_dataset), "batch_size": 16, "shuffle_buffer": 0},
         "model": {"backbone": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
         "finetune": {"method": "adalora", "adalora": {"init_r": 4, "target_r": 1, "tinit": 1, "tfinal": 1}},
         "trainer": {"accelerator": "cpu", "accumulate_grad_batches": 2, "max_epochs": 1},
     }
     cfg = validate_tree(tree)
-    manifest = load_manifest(tiny_data)
+    manifest = load_manifest(tiny_dataset)
     n = int(manifest["num_items"])
     module = RecModule(tree, n)
     alloc = AdaLoraAllocator()

@@ -38,8 +38,8 @@ def run_worker(data: Path, out: Path, strategy: str) -> Path:
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
-def test_adalora_budget_shrinks_identically_on_every_rank(strategy, tiny_data, tmp_path_factory):
-    out = run_worker(tiny_data, tmp_path_factory.mktemp(f"adalora_{strategy}"), strategy)
+def test_adalora_budget_shrinks_identically_on_every_rank(strategy, tiny_dataset, tmp_path_factory):
+    out = run_worker(tiny_dataset, tmp_path_factory.mktemp(f"adalora_{strategy}"), strategy)
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1))
     steps = r0["global_step"]
     # accumulate_grad_batches=2: one allocation per optimizer step, total_step from the trainer
@@ -60,9 +60,9 @@ def test_adalora_budget_shrinks_identically_on_every_rank(strategy, tiny_data, t
 
 
 @pytest.mark.distributed
-def test_zero3_adapter_reloads_with_plain_peft(tiny_data, tmp_path_factory):
+def test_zero3_adapter_reloads_with_plain_peft(tiny_dataset, tmp_path_factory):
     """ZeRO-3-trained AdaLoRA -> export (fresh process) -> plain peft (another fresh process): same logits."""
-    out = run_worker(tiny_data, tmp_path_factory.mktemp("adalora_zero3"), "zero3")
+    out = run_worker(tiny_dataset, tmp_path_factory.mktemp("adalora_zero3"), "zero3")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     export = out / "export"
     items = torch.randint(1, 81, (4, 10), generator=torch.Generator().manual_seed(0))

@@ -21,9 +21,11 @@ from ..data.stream import EpochLoader, ShardStream
 class _ResumableLoader(EpochLoader):
     def __iter__(self):
         it = super().__iter__()
-        # workers (if any) copied the dataset, skip included, when the iterator started:
-        # later epochs must start at batch 0 again
-        self.dataset.skip = 0
+        if self.num_workers > 0:
+            # the workers copied the dataset, skip included, when the iterator started; the
+            # main-process copy must not skip again next epoch. (With no workers ShardStream
+            # reads and clears skip itself on its first batch: clearing it here would be too early.)
+            self.dataset.skip = 0
         return it
 
 

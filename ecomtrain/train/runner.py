@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -204,6 +205,8 @@ def train(cfg: Recipe, log=print) -> Path:
     ckpt = resume_path(tc.resume, run_dir)
     if ckpt and is_zero:
         log(f"resuming from {ckpt}")
+    # the datamodule restores the in-epoch position itself (see datamodule.py)
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
