@@ -4,7 +4,8 @@
 
 Fits a tiny Qwen2 with finetune.method=adalora, accumulate_grad_batches=2, then
 writes OUT_DIR/rank<R>.json (allocation history, final rank pattern,
-divergences, optimizer steps) and a final checkpoint OUT_DIR/final.ckpt.
+divergences, optimizer steps), a final checkpoint OUT_DIR/final.ckpt and
+OUT_DIR/recipe.yaml (so OUT_DIR is a run directory for ``ecomtrain export``).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ def main(data: str, out: str, strategy: str) -> None:
         "sign_agree": alloc.sign_agree, "sign_total": alloc.sign_total,
     }
     Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+    if trainer.global_rank == 0:  # makes OUT_DIR a run directory for `ecomtrain export`
+        from ecomtrain.config import dump_recipe
+
+        dump_recipe(cfg, Path(out) / "recipe.yaml")
 
 
 if __name__ == "__main__":

@@ -64,19 +64,24 @@ def test_zero3_adapter_reloads_with_plain_peft(tiny_dataset, tmp_path_factory):
     """ZeRO-3-trained AdaLoRA -> export (fresh process) -> plain peft (another fresh process): same logits."""
     out = run_worker(tiny_dataset, tmp_path_factory.mktemp("adalora_zero3"), "zero3")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    export = out / "export"
+    export, export_merged = out / "export", out / "export_merged"
     items = torch.randint(1, 81, (4, 10), generator=torch.Generator().manual_seed(0))
     items[1, 6:] = 0
     torch.save(items, out / "items.pt")
-    # 1) export + the trained model's logits (checkpoint weights loaded into the training code's model)
+    # 1) `ecomtrain export --merge` and `ecomtrain export` (fresh processes, the user's path) and the
+    #    trained model's logits (the checkpoint's weights in the training code's own model)
+    for args in (["--merge", "--out", str(export_merged)], ["--out", str(export)]):
+        proc = subprocess.run([sys.executable, "-m", "ecomtrain.cli", "export", str(out), "--ckpt", str(out / "final.ckpt"), *args],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     code = textwrap.dedent(f"""
         import torch
-        from ecomtrain.train.peft_export import export_checkpoint, load_trained_module
-        items = torch.load({str(out / 'items.pt')!r})
+        from pathlib import Path
+        from ecomtrain.export import load_trained_lm
+        from ecomtrain.model.backbone import ItemLM
+        lm, vocab, *_ = load_trained_lm(Path({str(out)!r}), {str(out / 'final.ckpt')!r})
         with torch.no_grad():
-            ref = load_trained_module({str(out / 'final.ckpt')!r}).net(items)
-        torch.save(ref, {str(out / 'ref.pt')!r})
-        export_checkpoint({str(out / 'final.ckpt')!r}, {str(export)!r}, merge=True)
+            torch.save(ItemLM(lm, vocab).eval()(torch.load({str(out / 'items.pt')!r})), {str(out / 'ref.pt')!r})
     """)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -100,9 +105,9 @@ def test_zero3_adapter_reloads_with_plain_peft(tiny_dataset, tmp_path_factory):
         import json, torch, peft, transformers
         items = torch.load({str(out / 'items.pt')!r}); ref = torch.load({str(out / 'ref.pt')!r})
         mask = (items > 0).long()
-        base = transformers.AutoModelForCausalLM.from_pretrained({str(export / 'base')!r})
+        base = transformers.AutoModelForCausalLM.from_pretrained({str(export)!r})
         pm = peft.PeftModel.from_pretrained(base, {str(export / 'adapter')!r}).eval()
-        merged = transformers.AutoModelForCausalLM.from_pretrained({str(export / 'merged')!r}).eval()
+        merged = transformers.AutoModelForCausalLM.from_pretrained({str(export_merged)!r}).eval()
         with torch.no_grad():
             a = pm(input_ids=items, attention_mask=mask).logits[..., 1:81]
             b = merged(input_ids=items, attention_mask=mask).logits[..., 1:81]

@@ -202,26 +202,41 @@ def set_rank_pattern(lm: nn.Module, rank_pattern: Optional[dict]) -> None:
         tuner.peft_config[tuner.trainable_adapter_name].rank_pattern = dict(rank_pattern)
 
 
-def export_adapter(lm: nn.Module, out_dir, tokenizer=None, merge: bool = False) -> dict[str, str]:
-    """Write a peft model as ``out_dir/adapter`` (safetensors) + ``out_dir/base`` (the exported base model)
-    and, with ``merge``, ``out_dir/merged`` (adapter folded into a plain HF model).
+def save_adapter(lm: nn.Module, adapter_dir, base_model_path: Optional[str] = None) -> None:
+    """peft ``save_pretrained`` as safetensors; the item-token rows travel in the adapter
+    (``trainable_tokens_delta``), the embedding matrix is not copied (``save_embedding_layers=False``:
+    the exported base already has the resized vocabulary). An AdaLoRA adapter is trimmed to its
+    ``rank_pattern``, which goes into adapter_config.json."""
+    pm = peft_model(lm)
+    if pm is None:
+        raise FinetuneError("finetune.method is 'full': there is no adapter to save")
+    if base_model_path is not None:
+        for pc in pm.peft_config.values():
+            pc.base_model_name_or_path = base_model_path  # lets AutoPeftModelForCausalLM find the base
+    pm.save_pretrained(str(adapter_dir), safe_serialization=True, save_embedding_layers=False)
 
-    ``base`` is the backbone with the item tokens appended and the adapters removed
-    (peft ``unload``), so ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)``
-    rebuilds the trained model with plain peft. The item-token rows travel in the
-    adapter (``trainable_tokens_delta``); the embedding matrix itself is not copied
-    into it (``save_embedding_layers=False``): the base already has the resized vocabulary.
-    ``lm`` is consumed (unloaded) by this call.
+
+def strip_adapter(lm: nn.Module, merge: bool) -> nn.Module:
+    """The plain HF model: adapters folded in (``merge``) or removed (the original base weights)."""
+    pm = peft_model(lm)
+    if pm is None:
+        return lm
+    return pm.merge_and_unload() if merge else pm.unload()
+
+
+def export_adapter(lm: nn.Module, out_dir, tokenizer=None, merge: bool = False) -> dict[str, str]:
+    """``out_dir/adapter`` + ``out_dir/base`` (+ ``out_dir/merged``) from an in-memory peft model.
+
+    ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter)`` rebuilds
+    the trained model with plain peft. ``lm`` is consumed (unloaded). The CLI's
+    ``ecomtrain export`` (export.py) writes the same adapter next to the base or merged model.
     """
     from pathlib import Path
 
-    pm = peft_model(lm)
-    if pm is None:
-        raise FinetuneError("export_adapter: finetune.method is 'full'; export the model with save_pretrained instead")
     out = Path(out_dir)
     paths = {"adapter": str(out / "adapter"), "base": str(out / "base")}
-    pm.save_pretrained(paths["adapter"], safe_serialization=True, save_embedding_layers=False)
-    base = pm.unload()  # adapters and token wrappers removed; original base weights
+    save_adapter(lm, paths["adapter"])
+    base = strip_adapter(lm, merge=False)
     base.save_pretrained(paths["base"], safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(paths["base"])
