@@ -89,7 +89,10 @@ def cmd_export(a: argparse.Namespace) -> int:
     from .export import export
 
     out = export(a.run_dir, a.out, ckpt=a.ckpt, merge=a.merge, force=a.force, overrides=a.overrides)
-    print(f"exported: {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    how = "transformers.AutoModelForCausalLM.from_pretrained"
+    if (Path(out) / "adapter").is_dir() and not a.merge:
+        how += f" + peft.PeftModel.from_pretrained(model, '{Path(out) / 'adapter'}')"
+    print(f"exported: {out} (load with {how})")
     return 0
 
 

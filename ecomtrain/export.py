@@ -148,6 +148,19 @@ top = [iv["token_id_to_item_id"][str(first + j)] for j in logits.topk(10).indice
 """
 
 
+ADAPTER_README = """
+## Adapter ({method})
+
+{merged} `adapter/` is the peft adapter (safetensors; the item-token rows are in it):
+
+```python
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("{out}")
+model = PeftModel.from_pretrained(base, "{out}/adapter").eval()   # the trained model, on a non-merged export
+```
+"""
+
+
 def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool = False, force: bool = False,
            overrides: Optional[list[str]] = None) -> Path:
     run_dir, out = Path(run_dir), Path(out)
@@ -176,9 +189,12 @@ def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool
         "adapter": "adapter" if (tmp / "adapter").is_dir() else None,
     }
     (tmp / "ecomtrain_export.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "README.md").write_text(
-        README.format(name=run_dir.name, out=out, task=cfg.task.name, max_history=cfg.data.max_history)
-    )
+    readme = README.format(name=run_dir.name, out=out, task=cfg.task.name, max_history=cfg.data.max_history)
+    if (tmp / "adapter").is_dir():
+        readme += ADAPTER_README.format(out=out, method=cfg.finetune.method, merged=(
+            "These weights have the adapter merged in: the snippet above is the trained model."
+            if merge else "These weights are the base model (adapter removed): load the adapter on top of them."))
+    (tmp / "README.md").write_text(readme)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
