@@ -107,20 +107,30 @@ def _peft_config(lm: nn.Module, cfg: Recipe, vocab):
     )
 
 
-def _quantize_4bit(lm: nn.Module, cfg: Recipe, targets) -> nn.Module:
-    """QLoRA: swap the target Linear layers for bitsandbytes 4-bit ones (CUDA)."""
+def _quantize_4bit(lm: nn.Module, cfg: Recipe) -> nn.Module:
+    """QLoRA: every decoder Linear becomes a bitsandbytes 4-bit Linear holding the trained-so-far
+    weights (the head stays full precision: its item columns are read for every score).
+    bitsandbytes quantises a ``Params4bit`` when it moves to the GPU."""
+    import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
-    from transformers import BitsAndBytesConfig
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     q = cfg.finetune.qlora
-    bnb = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
-    )
-    skip = ["lm_head", "embed_tokens"]
-    lm = replace_with_bnb_linear(lm, modules_to_not_convert=skip, quantization_config=bnb)
-    lm = lm.cuda()  # bitsandbytes quantises the weights when they move to the GPU
+    dtype = getattr(torch, q.compute_dtype)
+    for name, module in list(lm.named_modules()):
+        if type(module) is not nn.Linear or name.split(".")[-1] == "lm_head":
+            continue
+        new = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None, compute_dtype=dtype,
+            compress_statistics=q.double_quant, quant_type=q.quant_type,
+        )
+        new.weight = bnb.nn.Params4bit(
+            module.weight.data.to(torch.float32).contiguous(), requires_grad=False,
+            compress_statistics=q.double_quant, quant_type=q.quant_type,
+        )
+        if module.bias is not None:
+            new.bias = nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        lm.set_submodule(name, new)
+    lm = lm.cuda()
     return prepare_model_for_kbit_training(lm, use_gradient_checkpointing=cfg.model.activation_checkpointing)
 
 
@@ -136,7 +146,7 @@ def apply_finetune_method(lm: nn.Module, cfg: Recipe, vocab) -> nn.Module:
 
     pc = _peft_config(lm, cfg, vocab)
     if method == "qlora":
-        lm = _quantize_4bit(lm, cfg, pc.target_modules)
+        lm = _quantize_4bit(lm, cfg)
     try:
         return peft.get_peft_model(lm, pc)
     except ValueError as exc:
