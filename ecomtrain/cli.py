@@ -5,7 +5,7 @@
     ecomtrain data inspect data/quickstart
     ecomtrain train recipes/quickstart.yaml [dotted.key=value ...]
     ecomtrain eval runs/quickstart-... [--split test] [--ckpt best|last|PATH]
-    ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH]
+    ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH] [--merge]
 
 Heavy imports (torch, lightning) happen inside the verbs so that ``--help``
 and recipe validation answer at once.
@@ -124,8 +124,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export
 
-    out = export(a.run_dir, a.out, ckpt=a.ckpt, merge=getattr(a, "merge", False), force=a.force, overrides=a.overrides)
-    print(f"exported: {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    out = export(a.run_dir, a.out, ckpt=a.ckpt, merge=a.merge, force=a.force, overrides=a.overrides)
+    how = "transformers.AutoModelForCausalLM.from_pretrained"
+    if (Path(out) / "adapter").is_dir() and not a.merge:
+        how += f" + peft.PeftModel.from_pretrained(model, '{Path(out) / 'adapter'}')"
+    print(f"exported: {out} (load with {how})")
     return 0
 
 
@@ -171,6 +174,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --force)")
     x.add_argument("--ckpt", default="last", help="last (default), best, or a checkpoint path (file or DeepSpeed folder)")
     x.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    x.add_argument("--merge", action="store_true", help="adapter runs: fold the adapter into the weights (a plain model; adapter/ is still written)")
     x.set_defaults(fn=cmd_export)
     return p
 

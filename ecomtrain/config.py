@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -124,27 +124,66 @@ class TaskConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Optional[list[str]] = None
+    """LoRA / DoRA / QLoRA adapter shape (peft ``LoraConfig``)."""
+
+    r: int = Field(8, gt=0, description="Adapter rank.")
+    alpha: int = Field(16, gt=0, description="Scaling numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
 
 
 class AdaLoraConfig(_Section):
-    init_r: int = Field(12, gt=0)
-    target_r: int = Field(4, gt=0)
-    tinit: int = Field(0, ge=0)
-    tfinal: int = Field(0, ge=0)
-    delta_t: int = Field(1, gt=0)
+    """AdaLoRA (peft ``AdaLoraConfig``): rank budget shrinks from init_r to target_r per module on average.
+
+    The schedule runs over the trainer's optimizer steps (``total_step`` = Lightning's
+    ``estimated_stepping_batches``): ``tinit`` warm-up steps at full budget, a cubic
+    decrease, then ``tfinal`` steps at the final budget with the rank pattern fixed.
+    """
+
+    init_r: int = Field(12, gt=0, description="Starting rank of every adapted module.")
+    target_r: int = Field(4, gt=0, description="Average final rank per module (total budget = target_r x modules).")
+    tinit: int = Field(0, ge=0, description="Optimizer steps at full budget before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="Last optimizer steps trained with the final, fixed rank pattern.")
+    delta_t: int = Field(1, gt=0, description="Re-allocate the budget every delta_t optimizer steps.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the sensitivity score.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the uncertainty score.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality penalty on P and Q, added to the training loss.")
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Optional[list[str]] = None
+
+    @model_validator(mode="after")
+    def _shrinks(self) -> "AdaLoraConfig":
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        return self
+
+
+class QLoraConfig(_Section):
+    """4-bit base weights (bitsandbytes) under a LoRA adapter; CUDA only."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="Also quantise the quantisation constants (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
 class FinetuneConfig(_Section):
+    """Which parameters train (see docs/peft.md).
+
+    ``full`` trains everything. ``lora``, ``dora``, ``adalora`` and ``qlora`` freeze the
+    backbone and train peft adapters on ``target_modules``; under every method the
+    item-token rows of the input embedding (and of the output head, tied or not)
+    train too, through peft's ``trainable_token_indices``.
+    """
+
     method: Literal["full", "lora", "adalora", "dora", "qlora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    target_modules: Optional[list[str]] = Field(
+        None,
+        description="Module names (suffixes) that get adapters; default per architecture "
+        "(Qwen2/Llama/Mistral: q,k,v,o,gate,up,down _proj; otherwise every Linear but the head).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Used by lora, dora and qlora.")
     adalora: AdaLoraConfig = Field(default_factory=AdaLoraConfig)
+    qlora: QLoraConfig = Field(default_factory=QLoraConfig)
 
 
 # --------------------------------------------------------------------- optimiser

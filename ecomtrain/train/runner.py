@@ -109,6 +109,10 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
                 monitor="step", mode="max", save_last=False,
             )
         )
+    if cfg.finetune.method == "adalora":
+        from .adalora import AdaLoraAllocator
+
+        cbs.append(AdaLoraAllocator())  # rank budget schedule, once per optimizer step
     if tc.early_stopping.enabled:
         es = tc.early_stopping
         cbs.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
