@@ -8,20 +8,21 @@ Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
   batches per epoch: a reader that runs out of its shards starts them again
   (reshuffled), so uneven shards can never make one rank wait for another
   (which would hang a DDP all-reduce). Order is a pure function of
-  (seed, epoch, rank, worker), and ``skip_batches`` fast-forwards inside an
-  epoch for mid-epoch resume.
+  (seed, epoch, rank, worker); ``EpochLoader.state_dict`` / ``load_state_dict``
+  ({epoch, batches, seed}) resume inside an epoch in the same order.
 - **eval** (``mode="eval"``): every sample is seen exactly once across ranks
   (sample ``i`` goes to rank ``i % world``); ranks with fewer samples get
   padding rows with ``weight = 0`` so all ranks run the same number of batches.
 - Only ``.json`` members are decoded; anything else (``.pyd``, ``.pickle``...)
   is refused: shards never carry pickle.
-- An unreadable shard is skipped and counted; beyond
+- An unreadable shard, or one whose size / sample count differs from the
+  manifest (truncated), is skipped and counted once; beyond
   ``max_corrupt_fraction`` of the shards the reader fails naming the shard.
+  Each reader counts the shards it reads, so the limit applies per reader.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import tarfile
 from pathlib import Path
@@ -31,21 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .importers import DataError
-
-ALLOWED_MEMBERS = {"json"}
-
-
-def _iter_shard(path: Path) -> Iterator[dict]:
-    """Samples of one tar shard (webdataset layout: KEY.json members)."""
-    import webdataset as wds
-
-    with open(path, "rb") as stream:
-        for member in wds.tariterators.tar_file_iterator(stream):
-            name = member["fname"]
-            key, _, ext = name.partition(".")
-            if ext not in ALLOWED_MEMBERS:
-                raise DataError(f"{path}: member '{name}' has type '.{ext}'; only JSON samples are read (pickle is refused)")
-            yield json.loads(member["data"])
+from .shardio import ALLOWED_MEMBERS, _iter_shard  # noqa: F401  (re-exported)
 
 
 def balance_shards(shards: list[dict], readers: int) -> list[list[dict]]:
@@ -99,6 +86,7 @@ class ShardStream(IterableDataset):
         self.pad_sample = pad_sample
         self.epoch = 0
         self.skip = 0  # batches to skip at the start of the next epoch (resume)
+        self.corrupt_shards: list[str] = []  # names skipped as unreadable (this process)
         for sh in self.shards:
             if not (self.root / sh["name"]).is_file():
                 raise DataError(f"{self.root}: shard '{sh['name']}' listed in manifest.json is missing")
@@ -145,7 +133,7 @@ class ShardStream(IterableDataset):
         return info.id, info.num_workers
 
     def _samples(self, shards: list[dict], rng: random.Random, cycle: bool) -> Iterator[dict]:
-        bad = 0
+        bad: set[str] = set()  # a shard re-read on a later cycle is counted once
         limit = self.max_corrupt_fraction * len(self.shards)
         while True:
             order = list(shards)
@@ -154,20 +142,32 @@ class ShardStream(IterableDataset):
             yielded = False
             for sh in order:
                 path = self.root / sh["name"]
+                if sh["name"] in bad:
+                    continue
                 try:
+                    # a tar cut at a member boundary reads as a shorter, "valid" tar:
+                    # the manifest's byte size and sample count catch that
+                    size, want = path.stat().st_size, sh.get("bytes")
+                    if want is not None and size != want:
+                        raise ValueError(f"{size} bytes, manifest.json says {want} (truncated?)")
+                    n = 0
                     for s in _iter_shard(path):
+                        n += 1
                         yielded = True
                         yield s
+                    if n != sh["num_samples"]:
+                        raise ValueError(f"{n} samples, manifest.json says {sh['num_samples']} (truncated?)")
                 except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
                     if isinstance(exc, DataError) and "pickle" in str(exc):
                         raise
-                    bad += 1
-                    if bad > limit:
+                    bad.add(sh["name"])
+                    self.corrupt_shards = sorted(bad)
+                    if len(bad) > limit:
                         raise DataError(
-                            f"{path}: unreadable shard ({type(exc).__name__}: {exc}); {bad} bad shard(s) exceed "
+                            f"{path}: unreadable shard ({type(exc).__name__}: {exc}); {len(bad)} bad shard(s) exceed "
                             f"data.max_corrupt_fraction={self.max_corrupt_fraction} of {len(self.shards)}"
                         ) from None
-                    print(f"[ecomtrain] warning: skipped unreadable shard {path} ({bad} so far)")
+                    print(f"[ecomtrain] warning: skipped unreadable shard {path} ({len(bad)} so far)")
             if not cycle:
                 return
             if not yielded:
@@ -189,15 +189,25 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict]:
+        # read worker id and resume skip now, not when the generator first runs:
+        # the loader clears ``skip`` right after creating the iterator
         wid, nw = self._worker()
+        skip, self.skip = self.skip, 0  # a resume skip applies to one epoch only
+        return self._iterate(wid, nw, skip)
+
+    def _iterate(self, wid: int, nw: int, skip_total: int) -> Iterator[dict]:
         if self.mode == "train":
-            reader = self.rank * nw + wid
+            # The DataLoader takes batches from workers round-robin starting at
+            # worker 0. After skipping k batches the next one belongs to the
+            # reader role k % nw, so worker w plays role (w + k) % nw: a resumed
+            # epoch continues in exactly the uninterrupted order.
+            role = (wid + skip_total) % nw
+            reader = self.rank * nw + role
             rng = random.Random(hash((self.seed, self.epoch, reader)) & 0xFFFFFFFF)
-            # this worker's share of the rank's batches
-            n_batches = self.batches_per_rank // nw + (1 if wid < self.batches_per_rank % nw else 0)
+            # this role's share of the rank's batches
+            n_batches = self.batches_per_rank // nw + (1 if role < self.batches_per_rank % nw else 0)
             stream = self._shuffled(self._samples(self.assignment[reader], rng, cycle=True), rng)
-            skip = self.skip // nw + (1 if wid < self.skip % nw else 0)
-            self.skip = 0
+            skip = skip_total // nw + (1 if role < skip_total % nw else 0)
             for b in range(n_batches):
                 batch = [next(stream) for _ in range(self.batch_size)]
                 if b < skip:
@@ -219,7 +229,7 @@ class ShardStream(IterableDataset):
             while len(batch) < self.batch_size and self.pad_sample is not None:
                 batch.append(self.pad_sample)
                 weights.append(0.0)
-            if not batch:
+            if not batch:  # no pad sample: this rank has nothing more (single-process eval only)
                 return
             out = self.collate(batch)
             out["weight"] = torch.tensor(weights)
@@ -227,20 +237,52 @@ class ShardStream(IterableDataset):
 
 
 class EpochLoader(DataLoader):
-    """A DataLoader that tells its ShardStream which epoch starts at each iter().
+    """A DataLoader that tells its ShardStream which epoch starts at each iter(),
+    and keeps the position inside the epoch for mid-epoch resume.
 
     Lightning only calls ``set_epoch`` on samplers; an IterableDataset copied
-    into workers would otherwise replay epoch 0 forever.
+    into workers would otherwise replay epoch 0 forever. ``state_dict`` /
+    ``load_state_dict`` follow the stateful-dataloader protocol Lightning
+    saves into checkpoints: {epoch, batches consumed in it, seed}; after
+    ``load_state_dict`` the next iter() resumes that epoch after those batches.
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0, first_epoch: int = 0, **kw):
         super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, **kw)
         self._next_epoch = first_epoch
+        self._epoch = first_epoch
+        self._consumed = 0
+        self._resume: Optional[tuple[int, int]] = None
 
     def __iter__(self):
-        self.dataset.set_epoch(self._next_epoch)
+        if self._resume is not None:
+            self._next_epoch, skip = self._resume
+            self._resume = None
+        else:
+            skip = 0
+        self._epoch = self._next_epoch
+        self.dataset.set_epoch(self._epoch)
+        self.dataset.skip = skip
         self._next_epoch += 1
-        return super().__iter__()
+        self._consumed = skip
+        it = super().__iter__()  # workers copy the dataset (and its skip) here
+        self.dataset.skip = 0
+        return self._count(it)
+
+    def _count(self, it):
+        for batch in it:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._consumed, "seed": self.dataset.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("seed", self.dataset.seed)) != self.dataset.seed:
+            raise DataError(f"resume: data order seed {state['seed']} differs from run.seed {self.dataset.seed}")
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        # a checkpoint taken after the last batch of an epoch resumes at the next one
+        self._resume = (epoch + 1, 0) if done >= len(self.dataset) else (epoch, done)
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -105,6 +105,8 @@ class AtomicCheckpoint(ModelCheckpoint):
     at each validation and at the end of training (as ``last-step<N>.ckpt``, one kept)."""
 
     def __init__(self, *args, link_last: bool = True, **kw):
+        # same name = same state: overwrite (atomically) instead of writing name-v1
+        kw.setdefault("enable_version_counter", False)
         super().__init__(*args, **kw)
         self.link_last = link_last
         self._last_only: Optional[Path] = None

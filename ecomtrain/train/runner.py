@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -63,12 +64,8 @@ def ensure_dataset(cfg: Recipe, log=print) -> dict:
         from ..config import RecipeError
 
         raise RecipeError(f"data.build.input: required for source '{bc.source}'")
-    imp = importers.load(bc.source, src)
-    return B.build(
-        imp, root, event_types=bc.event_types, min_user_events=bc.min_user_events, max_history=bc.max_history,
-        collapse_repeats=bc.collapse_repeats, shard_max_samples=bc.shard_max_samples, shard_max_bytes=bc.shard_max_bytes,
-        seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log,
-    )
+    imp = importers.load(bc.source, src, **bc.importer_options())
+    return B.build(imp, root, **bc.build_options(), seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log)
 
 
 def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
@@ -112,6 +109,10 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
                 monitor="step", mode="max", save_last=False,
             )
         )
+    if cfg.finetune.method == "adalora":
+        from .adalora import AdaLoraAllocator
+
+        cbs.append(AdaLoraAllocator())  # rank budget schedule, once per optimizer step
     if tc.early_stopping.enabled:
         es = tc.early_stopping
         cbs.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
@@ -205,6 +206,8 @@ def train(cfg: Recipe, log=print) -> Path:
     ckpt = resume_path(tc.resume, run_dir)
     if ckpt and is_zero:
         log(f"resuming from {ckpt}")
+    # the datamodule restores the in-epoch position itself (see datamodule.py)
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
     except preemption.Preempted as stop:
