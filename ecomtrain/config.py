@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -50,17 +50,39 @@ class SynthConfig(_Section):
 
 
 class BuildConfig(_Section):
-    """How ``ecomtrain data build`` turns raw events into shards."""
+    """How ``ecomtrain data build`` turns raw events into shards (CLI flags have the same names)."""
 
-    source: str = Field("synth", description="Importer name: synth, table, seq, ...")
-    input: Optional[str] = Field(None, description="Input path for the importer (file or folder).")
+    source: str = Field("synth", description="Importer: synth, table, seq, movielens, amazon-reviews, retailrocket, taobao.")
+    input: Optional[str] = Field(None, description="Input path for the importer (file, folder or glob).")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Used when source=synth and input is unset.")
+    columns: Optional[dict[str, str]] = Field(None, description="table: our field (user, item, ts, event, channel, value) -> the file's column name.")
+    items: Optional[str] = Field(None, description="Item catalog file (item, title, category, brand, price) for table / amazon-reviews.")
+    timestamp_format: Optional[str] = Field(None, description="strptime format when timestamps are date strings (default: numeric epoch).")
+    separator: Optional[str] = Field(None, description="table: CSV separator (default ',' or tab for .tsv).")
     event_types: Optional[list[str]] = Field(None, description="Keep only these event types (default: all).")
-    min_user_events: int = Field(3, ge=3, description="Users with fewer sequence positions are dropped (leave-one-out needs 3).")
-    max_history: int = Field(200, gt=1, description="Longest history stored per sample (most recent kept).")
-    collapse_repeats: bool = Field(True, description="Merge consecutive events on the same item into one position.")
+    event_weights: Optional[dict[str, float]] = Field(None, description="Per-event-type weight stored per position ('weights') and target ('target_weight').")
+    min_user_events: int = Field(3, ge=2, description="Users with fewer sequence positions are dropped (leave-one-out needs 3, temporal 2).")
+    kcore_users: int = Field(0, ge=0, description="k-core: users keep only if they have at least this many events (repeated until stable; 0 = off).")
+    kcore_items: int = Field(0, ge=0, description="k-core: items keep only if they have at least this many events (0 = off).")
+    max_history: int = Field(200, gt=1, description="Longest history stored per sample (most recent kept; longer training input becomes several windows).")
+    collapse_repeats: bool = Field(True, description="Merge consecutive events on the same item into one position (furthest funnel stage wins).")
+    split: Literal["leave_one_out", "temporal"] = Field("leave_one_out", description="leave_one_out per user, or one global time cut for val and test.")
+    temporal_val_fraction: float = Field(0.1, gt=0, lt=1, description="temporal: share of events (by time) in the validation period.")
+    temporal_test_fraction: float = Field(0.1, gt=0, lt=1, description="temporal: share of events (by time) in the test period.")
+    session_gap: Optional[int] = Field(None, gt=0, description="Inactivity gap (in timestamp units) that starts a new session; adds a 'sessions' list to samples.")
+    pseudonymise_users: bool = Field(False, description="Replace user ids by HMAC-SHA256 keyed from the env var pseudonym_key_env.")
+    pseudonym_key_env: str = Field("ECOMTRAIN_PSEUDONYM_KEY", description="Environment variable holding the HMAC key (never stored).")
     shard_max_samples: int = Field(5000, gt=0)
     shard_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    partition_events: int = Field(4_000_000, gt=0, description="Events per user hash partition; bounds build memory (~1-2 GB per 4 M events).")
+
+    def importer_options(self) -> dict:
+        return {"columns": self.columns, "items": self.items, "timestamp_format": self.timestamp_format, "separator": self.separator}
+
+    def build_options(self) -> dict:
+        """Keyword arguments of ``ecomtrain.data.build.build``."""
+        skip = {"source", "input", "synth", *self.importer_options()}
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
 class DataConfig(_Section):
@@ -92,6 +114,7 @@ class ModelConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on input embeddings (item-token dropout regularises tiny data).")
     attention_dropout: float = Field(0.0, ge=0, lt=1)
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on each attention and MLP output (the residual branches); HF Qwen2/Llama have none of their own.")
     activation_checkpointing: bool = False
 
 
@@ -101,27 +124,66 @@ class TaskConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Optional[list[str]] = None
+    """LoRA / DoRA / QLoRA adapter shape (peft ``LoraConfig``)."""
+
+    r: int = Field(8, gt=0, description="Adapter rank.")
+    alpha: int = Field(16, gt=0, description="Scaling numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
 
 
 class AdaLoraConfig(_Section):
-    init_r: int = Field(12, gt=0)
-    target_r: int = Field(4, gt=0)
-    tinit: int = Field(0, ge=0)
-    tfinal: int = Field(0, ge=0)
-    delta_t: int = Field(1, gt=0)
+    """AdaLoRA (peft ``AdaLoraConfig``): rank budget shrinks from init_r to target_r per module on average.
+
+    The schedule runs over the trainer's optimizer steps (``total_step`` = Lightning's
+    ``estimated_stepping_batches``): ``tinit`` warm-up steps at full budget, a cubic
+    decrease, then ``tfinal`` steps at the final budget with the rank pattern fixed.
+    """
+
+    init_r: int = Field(12, gt=0, description="Starting rank of every adapted module.")
+    target_r: int = Field(4, gt=0, description="Average final rank per module (total budget = target_r x modules).")
+    tinit: int = Field(0, ge=0, description="Optimizer steps at full budget before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="Last optimizer steps trained with the final, fixed rank pattern.")
+    delta_t: int = Field(1, gt=0, description="Re-allocate the budget every delta_t optimizer steps.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the sensitivity score.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the uncertainty score.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality penalty on P and Q, added to the training loss.")
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Optional[list[str]] = None
+
+    @model_validator(mode="after")
+    def _shrinks(self) -> "AdaLoraConfig":
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        return self
+
+
+class QLoraConfig(_Section):
+    """4-bit base weights (bitsandbytes) under a LoRA adapter; CUDA only."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="Also quantise the quantisation constants (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
 class FinetuneConfig(_Section):
+    """Which parameters train (see docs/peft.md).
+
+    ``full`` trains everything. ``lora``, ``dora``, ``adalora`` and ``qlora`` freeze the
+    backbone and train peft adapters on ``target_modules``; under every method the
+    item-token rows of the input embedding (and of the output head, tied or not)
+    train too, through peft's ``trainable_token_indices``.
+    """
+
     method: Literal["full", "lora", "adalora", "dora", "qlora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    target_modules: Optional[list[str]] = Field(
+        None,
+        description="Module names (suffixes) that get adapters; default per architecture "
+        "(Qwen2/Llama/Mistral: q,k,v,o,gate,up,down _proj; otherwise every Linear but the head).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Used by lora, dora and qlora.")
     adalora: AdaLoraConfig = Field(default_factory=AdaLoraConfig)
+    qlora: QLoraConfig = Field(default_factory=QLoraConfig)
 
 
 # --------------------------------------------------------------------- optimiser
@@ -191,6 +253,16 @@ class EarlyStoppingConfig(_Section):
     mode: Literal["max", "min"] = "max"
 
 
+class PreemptionConfig(_Section):
+    """Checkpoint-and-stop on a signal, for Slurm requeue and torchrun restarts (see launch/README.md)."""
+
+    signal: Literal["SIGUSR1", "SIGUSR2", "none"] = Field(
+        "SIGUSR1",
+        description="On this signal every rank checkpoints at the same step and the run exits with status 75 "
+        "(launch/slurm.sbatch then requeues it; resume=auto continues). 'none': the signal keeps its default action.",
+    )
+
+
 class TrainerConfig(_Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: Union[int, Literal["auto"]] = 1
@@ -210,6 +282,7 @@ class TrainerConfig(_Section):
     progress_bar: bool = True
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     resume: Optional[str] = Field(
         None, description="'auto' (newest complete checkpoint in RUN_DIR/checkpoints, or a fresh start if none) or a checkpoint path (file, or folder for DeepSpeed)."

@@ -14,9 +14,17 @@ Checkpoints of every strategy are read the same way: a DeepSpeed folder (ZeRO-1/
 any world size) is consolidated to fp32 with DeepSpeed's zero_to_fp32 (through
 Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``); a plain file is loaded.
 
-Extension point for adapters (peft): ``finalize_for_export`` gets the loaded model and
-the ``merge`` flag; a peft model can be merged there (``merge_and_unload``) or saved as an
-adapter folder. The CLI passes ``--merge`` through once that exists.
+Adapter runs (finetune.method lora/dora/adalora/qlora) also get ``DIR/adapter/``
+(peft adapter_config.json + adapter_model.safetensors; AdaLoRA trimmed to its final
+rank pattern, read from the checkpoint). Without ``--merge`` DIR's weights are the
+base model (item tokens appended, adapters removed), so plain peft rebuilds the
+trained model::
+
+    base = AutoModelForCausalLM.from_pretrained("exported/")
+    model = PeftModel.from_pretrained(base, "exported/adapter")
+
+With ``--merge`` DIR's weights are the adapters folded into a plain model (same
+logits, no peft needed); ``adapter/`` is still written.
 """
 
 from __future__ import annotations
@@ -64,13 +72,20 @@ def load_trained_lm(run_dir: Path, ckpt: str = "last", overrides: Optional[list[
     return lm, vocab, tok, cfg, path, state
 
 
-def finalize_for_export(lm, merge: bool = False):
-    """The model to save_pretrained. Full fine-tuning: as is. peft models: see the module docstring."""
-    if hasattr(lm, "peft_config"):
-        if merge and hasattr(lm, "merge_and_unload"):
-            return lm.merge_and_unload()
-        raise NotImplementedError("exporting an adapter run without --merge is not available yet in this build")
-    return lm
+def finalize_for_export(lm, merge: bool = False, adapter_dir: Optional[Path] = None, state: Optional[dict] = None,
+                        base_path: Optional[str] = None):
+    """The model to save_pretrained. Full fine-tuning: as is. A peft model: its adapter is written to
+    ``adapter_dir`` (AdaLoRA with the checkpoint's rank pattern), then merged in (``merge``) or removed."""
+    from .model.adapters import peft_model, save_adapter, set_rank_pattern, strip_adapter
+
+    if peft_model(lm) is None:
+        return lm
+    from .train.adalora import rank_pattern_from_checkpoint
+
+    set_rank_pattern(lm, rank_pattern_from_checkpoint(state or {}))
+    if adapter_dir is not None:
+        save_adapter(lm, adapter_dir, base_model_path=base_path)
+    return strip_adapter(lm, merge)
 
 
 def item_tokenizer(num_items: int):
@@ -133,6 +148,19 @@ top = [iv["token_id_to_item_id"][str(first + j)] for j in logits.topk(10).indice
 """
 
 
+ADAPTER_README = """
+## Adapter ({method})
+
+{merged} `adapter/` is the peft adapter (safetensors; the item-token rows are in it):
+
+```python
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("{out}")
+model = PeftModel.from_pretrained(base, "{out}/adapter").eval()   # the trained model, on a non-merged export
+```
+"""
+
+
 def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool = False, force: bool = False,
            overrides: Optional[list[str]] = None) -> Path:
     run_dir, out = Path(run_dir), Path(out)
@@ -141,13 +169,13 @@ def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool
     if out.exists() and any(out.iterdir()) and not force:
         raise RecipeError(f"{out}: exists and is not empty (pass --force to replace it)")
     lm, vocab, tok, cfg, path, state = load_trained_lm(run_dir, ckpt, overrides)
-    lm = finalize_for_export(lm, merge)
 
     # write next to the target and rename when complete (a half-written export is never seen)
     tmp = out.with_name(".tmp-" + out.name)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    lm = finalize_for_export(lm, merge, adapter_dir=tmp / "adapter", state=state, base_path=str(out.resolve()))
     lm.config.pad_token_id = vocab.pad_token_id
     lm.save_pretrained(tmp, safe_serialization=True)
     (tok if tok is not None else item_tokenizer(vocab.num_items)).save_pretrained(tmp)
@@ -158,11 +186,15 @@ def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool
         "epoch": state.get("epoch"), "strategy": tc.strategy.name,
         "zero_stage": tc.strategy.zero_stage if tc.strategy.name == "deepspeed" else None,
         "precision": tc.precision, "finetune": cfg.finetune.method, "merged": bool(merge),
+        "adapter": "adapter" if (tmp / "adapter").is_dir() else None,
     }
     (tmp / "ecomtrain_export.json").write_text(json.dumps(meta, indent=2))
-    (tmp / "README.md").write_text(
-        README.format(name=run_dir.name, out=out, task=cfg.task.name, max_history=cfg.data.max_history)
-    )
+    readme = README.format(name=run_dir.name, out=out, task=cfg.task.name, max_history=cfg.data.max_history)
+    if (tmp / "adapter").is_dir():
+        readme += ADAPTER_README.format(out=out, method=cfg.finetune.method, merged=(
+            "These weights have the adapter merged in: the snippet above is the trained model."
+            if merge else "These weights are the base model (adapter removed): load the adapter on top of them."))
+    (tmp / "README.md").write_text(readme)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import Recipe
 from ..metrics import RankingMetrics
+from ..model.adapters import adapter_regularization, apply_finetune_method, check_method_supported
 from ..model.backbone import ItemLM, build_causal_lm
 from ..tasks.next_item import NextItemTask
 from . import _test_hooks
@@ -44,6 +45,7 @@ class RecModule(L.LightningModule):
         # only the (secret-free) recipe and vocabulary size go into checkpoints
         self.save_hyperparameters({"recipe": recipe, "num_items": num_items})
         self.cfg = Recipe.model_validate(recipe)
+        check_method_supported(self.cfg)  # e.g. qlora without CUDA: fail before any model is built
         self.num_items = num_items
         self.task = make_task(self.cfg, num_items)
         counts = torch.tensor(item_counts if item_counts is not None else [0] * num_items, dtype=torch.float32)
@@ -62,10 +64,11 @@ class RecModule(L.LightningModule):
         lm, vocab, tok = build_causal_lm(self.cfg.model, self.num_items)
         if self.cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        from ..model.adapters import apply_finetune_method
+        from .peft_compat import cpu_safe_peft
 
-        lm = apply_finetune_method(lm, self.cfg, vocab)
-        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok)
+        with cpu_safe_peft():  # peft's ZeRO-3 path for item-token rows assumes CUDA
+            lm = apply_finetune_method(lm, self.cfg, vocab)
+        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout)
 
     # -- steps
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
@@ -74,6 +77,10 @@ class RecModule(L.LightningModule):
         if not self._loss_finite_everywhere(loss):
             return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
+        reg = adapter_regularization(self.net.lm)  # AdaLoRA's orthogonality penalty; None otherwise
+        if reg is not None:
+            self.log("train/orth_reg", reg, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
+            loss = loss + reg
         return loss
 
     def _loss_finite_everywhere(self, loss: torch.Tensor) -> bool:
