@@ -19,16 +19,44 @@ import sys
 from pathlib import Path
 
 
+def _kv(text: str, what: str, cast=str) -> dict:
+    """'a=x,b=y' -> {'a': 'x', 'b': 'y'} (values cast with ``cast``)."""
+    out = {}
+    for part in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in part:
+            from .data.importers import DataError
+
+            raise DataError(f"{what}: '{part}' is not KEY=VALUE (e.g. {what} user=visitor_id,item=sku)")
+        k, v = part.split("=", 1)
+        out[k.strip()] = cast(v.strip())
+    return out
+
+
 def _add_build_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--source", default="synth", help="importer: synth, seq, ... (see `ecomtrain data build --list-sources`)")
-    p.add_argument("--input", help="input file or folder for the importer")
+    """Flags mirror ecomtrain.config.BuildConfig (same names, dashes for underscores)."""
+    p.add_argument("--source", default="synth", help="importer: synth, table, seq, movielens, amazon-reviews, retailrocket, taobao")
+    p.add_argument("--input", help="input file, folder or glob for the importer")
     p.add_argument("--out", required=True, help="output folder (manifest.json, items.parquet, *.tar)")
+    p.add_argument("--columns", help="table: field=column mapping, e.g. user=visitor,item=sku,ts=time,event=type,channel=app,value=price")
+    p.add_argument("--items", help="item catalog file (table/amazon-reviews): item,title,category,brand,price")
+    p.add_argument("--timestamp-format", help="strptime format when the timestamp column holds date strings")
+    p.add_argument("--separator", help="table: CSV field separator (default ',' or tab for .tsv)")
     p.add_argument("--event-types", help="comma-separated event types to keep (default: all)")
+    p.add_argument("--event-weights", help="per-type weights stored with each position, e.g. view=1,cart=2,purchase=4")
     p.add_argument("--min-user-events", type=int, default=3)
+    p.add_argument("--kcore-users", type=int, default=0, help="k-core: users need at least this many events (0 = off)")
+    p.add_argument("--kcore-items", type=int, default=0, help="k-core: items need at least this many events (0 = off)")
     p.add_argument("--max-history", type=int, default=200)
     p.add_argument("--no-collapse-repeats", action="store_true", help="keep consecutive events on the same item as separate positions")
+    p.add_argument("--split", default="leave_one_out", choices=["leave_one_out", "temporal"])
+    p.add_argument("--temporal-val-fraction", type=float, default=0.1, help="temporal: share of events (by time) in the val period")
+    p.add_argument("--temporal-test-fraction", type=float, default=0.1, help="temporal: share of events (by time) in the test period")
+    p.add_argument("--session-gap", type=int, help="start a new session after this many time units of inactivity (adds 'sessions')")
+    p.add_argument("--pseudonymise-users", action="store_true", help="replace user ids by HMAC-SHA256 with the key in --pseudonym-key-env")
+    p.add_argument("--pseudonym-key-env", default="ECOMTRAIN_PSEUDONYM_KEY", help="environment variable holding the HMAC key")
     p.add_argument("--shard-max-samples", type=int, default=5000)
     p.add_argument("--shard-max-bytes", type=int, default=64 * 1024 * 1024)
+    p.add_argument("--partition-events", type=int, default=4_000_000, help="events per user hash partition (bounds memory)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -48,11 +76,19 @@ def cmd_build(a: argparse.Namespace) -> int:
 
     if a.input is None:
         raise importers.DataError("--input is required (a file or folder for the importer)")
-    imp = importers.load(a.source, a.input)
+    imp = importers.load(
+        a.source, a.input, columns=_kv(a.columns, "--columns") if a.columns else None, items=a.items,
+        timestamp_format=a.timestamp_format, separator=a.separator,
+    )
     m = build.build(
-        imp, a.out, event_types=a.event_types.split(",") if a.event_types else None, min_user_events=a.min_user_events,
-        max_history=a.max_history, collapse_repeats=not a.no_collapse_repeats, shard_max_samples=a.shard_max_samples,
-        shard_max_bytes=a.shard_max_bytes, seed=a.seed, source={"source": a.source, "input": str(a.input)},
+        imp, a.out, event_types=a.event_types.split(",") if a.event_types else None,
+        event_weights=_kv(a.event_weights, "--event-weights", float) if a.event_weights else None,
+        min_user_events=a.min_user_events, kcore_users=a.kcore_users, kcore_items=a.kcore_items,
+        max_history=a.max_history, collapse_repeats=not a.no_collapse_repeats, split=a.split,
+        temporal_val_fraction=a.temporal_val_fraction, temporal_test_fraction=a.temporal_test_fraction,
+        session_gap=a.session_gap, pseudonymise_users=a.pseudonymise_users, pseudonym_key_env=a.pseudonym_key_env,
+        shard_max_samples=a.shard_max_samples, shard_max_bytes=a.shard_max_bytes, partition_events=a.partition_events,
+        seed=a.seed, source={"source": a.source, "input": str(a.input)},
     )
     print(f"manifest: {Path(a.out) / 'manifest.json'} ({m['num_users']} users, {m['num_items']} items)")
     return 0

@@ -50,17 +50,39 @@ class SynthConfig(_Section):
 
 
 class BuildConfig(_Section):
-    """How ``ecomtrain data build`` turns raw events into shards."""
+    """How ``ecomtrain data build`` turns raw events into shards (CLI flags have the same names)."""
 
-    source: str = Field("synth", description="Importer name: synth, table, seq, ...")
-    input: Optional[str] = Field(None, description="Input path for the importer (file or folder).")
+    source: str = Field("synth", description="Importer: synth, table, seq, movielens, amazon-reviews, retailrocket, taobao.")
+    input: Optional[str] = Field(None, description="Input path for the importer (file, folder or glob).")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Used when source=synth and input is unset.")
+    columns: Optional[dict[str, str]] = Field(None, description="table: our field (user, item, ts, event, channel, value) -> the file's column name.")
+    items: Optional[str] = Field(None, description="Item catalog file (item, title, category, brand, price) for table / amazon-reviews.")
+    timestamp_format: Optional[str] = Field(None, description="strptime format when timestamps are date strings (default: numeric epoch).")
+    separator: Optional[str] = Field(None, description="table: CSV separator (default ',' or tab for .tsv).")
     event_types: Optional[list[str]] = Field(None, description="Keep only these event types (default: all).")
-    min_user_events: int = Field(3, ge=3, description="Users with fewer sequence positions are dropped (leave-one-out needs 3).")
-    max_history: int = Field(200, gt=1, description="Longest history stored per sample (most recent kept).")
-    collapse_repeats: bool = Field(True, description="Merge consecutive events on the same item into one position.")
+    event_weights: Optional[dict[str, float]] = Field(None, description="Per-event-type weight stored per position ('weights') and target ('target_weight').")
+    min_user_events: int = Field(3, ge=2, description="Users with fewer sequence positions are dropped (leave-one-out needs 3, temporal 2).")
+    kcore_users: int = Field(0, ge=0, description="k-core: users keep only if they have at least this many events (repeated until stable; 0 = off).")
+    kcore_items: int = Field(0, ge=0, description="k-core: items keep only if they have at least this many events (0 = off).")
+    max_history: int = Field(200, gt=1, description="Longest history stored per sample (most recent kept; longer training input becomes several windows).")
+    collapse_repeats: bool = Field(True, description="Merge consecutive events on the same item into one position (furthest funnel stage wins).")
+    split: Literal["leave_one_out", "temporal"] = Field("leave_one_out", description="leave_one_out per user, or one global time cut for val and test.")
+    temporal_val_fraction: float = Field(0.1, gt=0, lt=1, description="temporal: share of events (by time) in the validation period.")
+    temporal_test_fraction: float = Field(0.1, gt=0, lt=1, description="temporal: share of events (by time) in the test period.")
+    session_gap: Optional[int] = Field(None, gt=0, description="Inactivity gap (in timestamp units) that starts a new session; adds a 'sessions' list to samples.")
+    pseudonymise_users: bool = Field(False, description="Replace user ids by HMAC-SHA256 keyed from the env var pseudonym_key_env.")
+    pseudonym_key_env: str = Field("ECOMTRAIN_PSEUDONYM_KEY", description="Environment variable holding the HMAC key (never stored).")
     shard_max_samples: int = Field(5000, gt=0)
     shard_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    partition_events: int = Field(4_000_000, gt=0, description="Events per user hash partition; bounds build memory (~1-2 GB per 4 M events).")
+
+    def importer_options(self) -> dict:
+        return {"columns": self.columns, "items": self.items, "timestamp_format": self.timestamp_format, "separator": self.separator}
+
+    def build_options(self) -> dict:
+        """Keyword arguments of ``ecomtrain.data.build.build``."""
+        skip = {"source", "input", "synth", *self.importer_options()}
+        return {k: v for k, v in self.model_dump().items() if k not in skip}
 
 
 class DataConfig(_Section):
@@ -92,6 +114,7 @@ class ModelConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on input embeddings (item-token dropout regularises tiny data).")
     attention_dropout: float = Field(0.0, ge=0, lt=1)
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on each attention and MLP output (the residual branches); HF Qwen2/Llama have none of their own.")
     activation_checkpointing: bool = False
 
 
@@ -230,6 +253,16 @@ class EarlyStoppingConfig(_Section):
     mode: Literal["max", "min"] = "max"
 
 
+class PreemptionConfig(_Section):
+    """Checkpoint-and-stop on a signal, for Slurm requeue and torchrun restarts (see launch/README.md)."""
+
+    signal: Literal["SIGUSR1", "SIGUSR2", "none"] = Field(
+        "SIGUSR1",
+        description="On this signal every rank checkpoints at the same step and the run exits with status 75 "
+        "(launch/slurm.sbatch then requeues it; resume=auto continues). 'none': the signal keeps its default action.",
+    )
+
+
 class TrainerConfig(_Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: Union[int, Literal["auto"]] = 1
@@ -249,6 +282,7 @@ class TrainerConfig(_Section):
     progress_bar: bool = True
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     resume: Optional[str] = Field(
         None, description="'auto' (newest complete checkpoint in RUN_DIR/checkpoints, or a fresh start if none) or a checkpoint path (file, or folder for DeepSpeed)."

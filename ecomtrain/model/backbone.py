@@ -45,9 +45,13 @@ def build_causal_lm(cfg: ModelConfig, num_items: int):
 
         lm = AutoModelForCausalLM.from_pretrained(bb.pretrained, local_files_only=True, attention_dropout=cfg.attention_dropout)
         tok = AutoTokenizer.from_pretrained(bb.pretrained, local_files_only=True)
-        base = len(tok)
         tok.add_tokens([f"<item_{i}>" for i in range(1, num_items + 1)])
-        lm.resize_token_embeddings(base + num_items)
+        base = tok.convert_tokens_to_ids("<item_1>")
+        if tok.convert_tokens_to_ids(f"<item_{num_items}>") != base + num_items - 1:
+            raise ValueError(f"{bb.pretrained}: item tokens did not get contiguous ids in the tokenizer")
+        # real checkpoints often pad the embedding past len(tokenizer) (Qwen2: 151,936 rows for
+        # 151,665 tokens); never shrink it, grow it to hold the last item token
+        lm.resize_token_embeddings(max(len(tok), lm.get_input_embeddings().weight.shape[0]))
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         return lm, ItemVocab(num_items, base, pad), tok
 
@@ -83,12 +87,26 @@ def causal_core(lm: nn.Module) -> nn.Module:
 class ItemLM(nn.Module):
     """Item indices in, item logits out."""
 
-    def __init__(self, lm: nn.Module, vocab: ItemVocab, dropout: float = 0.0, tokenizer=None):
+    def __init__(self, lm: nn.Module, vocab: ItemVocab, dropout: float = 0.0, tokenizer=None, hidden_dropout: float = 0.0):
         super().__init__()
         self.lm = lm
         self.vocab = vocab
         self.tokenizer = tokenizer
         self.embed_dropout = nn.Dropout(dropout)
+        self.hidden_dropout = hidden_dropout
+        if hidden_dropout > 0:
+            # Qwen2/Llama decoder layers have no residual dropout; on small catalogues
+            # (Beauty: 12k items, 150k training tokens) it is the main regulariser
+            for layer in getattr(causal_core(lm).model, "layers", []):
+                for branch in (layer.self_attn, layer.mlp):
+                    branch.register_forward_hook(self._drop_branch)
+
+    def _drop_branch(self, module: nn.Module, args, out):
+        if not self.training:
+            return out
+        if isinstance(out, tuple):
+            return (nn.functional.dropout(out[0], self.hidden_dropout, True), *out[1:])
+        return nn.functional.dropout(out, self.hidden_dropout, True)
 
     def hidden(self, items: torch.Tensor) -> torch.Tensor:
         core = causal_core(self.lm)

@@ -68,7 +68,7 @@ class RecModule(L.LightningModule):
 
         with cpu_safe_peft():  # peft's ZeRO-3 path for item-token rows assumes CUDA
             lm = apply_finetune_method(lm, self.cfg, vocab)
-        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok)
+        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout)
 
     # -- steps
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:

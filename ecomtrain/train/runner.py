@@ -64,12 +64,8 @@ def ensure_dataset(cfg: Recipe, log=print) -> dict:
         from ..config import RecipeError
 
         raise RecipeError(f"data.build.input: required for source '{bc.source}'")
-    imp = importers.load(bc.source, src)
-    return B.build(
-        imp, root, event_types=bc.event_types, min_user_events=bc.min_user_events, max_history=bc.max_history,
-        collapse_repeats=bc.collapse_repeats, shard_max_samples=bc.shard_max_samples, shard_max_bytes=bc.shard_max_bytes,
-        seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log,
-    )
+    imp = importers.load(bc.source, src, **bc.importer_options())
+    return B.build(imp, root, **bc.build_options(), seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log)
 
 
 def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
@@ -174,6 +170,9 @@ def train(cfg: Recipe, log=print) -> Path:
     from .module import RecModule, make_task
     from .strategies import build_strategy, resolve_accelerator
 
+    from . import preemption
+
+    preemption.install(cfg.trainer.preemption.signal)  # first: a signal during setup is kept, not fatal
     t0 = time.time()
     run_dir = resolve_run_dir(cfg)
     is_zero = global_rank() == 0
@@ -192,13 +191,15 @@ def train(cfg: Recipe, log=print) -> Path:
     tc = cfg.trainer
     accelerator = resolve_accelerator(tc)
     loggers = make_loggers(cfg, run_dir, recipe_tree)
+    stop_on_signal = preemption.StopOnSignal(log=log)
     trainer = L.Trainer(
         accelerator=accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, accelerator, cfg.data.batch_size),
         precision=tc.precision, max_epochs=tc.max_epochs, max_steps=tc.max_steps,
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
-        logger=loggers, callbacks=make_callbacks(cfg, run_dir, bool(loggers)),
+        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal],
+        plugins=preemption.cluster_plugins(),
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, deterministic=False,
     )
@@ -207,7 +208,13 @@ def train(cfg: Recipe, log=print) -> Path:
         log(f"resuming from {ckpt}")
     # the datamodule restores the in-epoch position itself (see datamodule.py)
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    except preemption.Preempted as stop:
+        # the checkpoint is written; evaluating now would overrun the time limit
+        if is_zero:
+            log(f"preempted at step {stop}; exit {preemption.EXIT_PREEMPTED} (resume with trainer.resume=auto)")
+        raise SystemExit(preemption.EXIT_PREEMPTED) from None
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     which = "best" if (tc.test_ckpt == "best" and best) else "last"

@@ -1,0 +1,288 @@
+"""Streaming reader of built shards: split by rank and worker, equal batches.
+
+Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
+
+- **train** (``mode="train"``): shards are dealt to the ``world_size x
+  num_workers`` readers, balanced by sample count (empty shards are skipped).
+  Every rank yields exactly ``batches_per_rank = num_samples // (world * B)``
+  batches per epoch: a reader that runs out of its shards starts them again
+  (reshuffled), so uneven shards can never make one rank wait for another
+  (which would hang a DDP all-reduce). Order is a pure function of
+  (seed, epoch, rank, worker); ``EpochLoader.state_dict`` / ``load_state_dict``
+  ({epoch, batches, seed}) resume inside an epoch in the same order.
+- **eval** (``mode="eval"``): every sample is seen exactly once across ranks
+  (sample ``i`` goes to rank ``i % world``); ranks with fewer samples get
+  padding rows with ``weight = 0`` so all ranks run the same number of batches.
+- Only ``.json`` members are decoded; anything else (``.pyd``, ``.pickle``...)
+  is refused: shards never carry pickle.
+- An unreadable shard, or one whose size / sample count differs from the
+  manifest (truncated), is skipped and counted once; beyond
+  ``max_corrupt_fraction`` of the shards the reader fails naming the shard.
+  Each reader counts the shards it reads, so the limit applies per reader.
+"""
+
+from __future__ import annotations
+
+import random
+import tarfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .importers import DataError
+from .shardio import ALLOWED_MEMBERS, _iter_shard  # noqa: F401  (re-exported)
+
+
+def balance_shards(shards: list[dict], readers: int) -> list[list[dict]]:
+    """Deal non-empty shards to readers, largest first, to the lightest reader."""
+    buckets: list[list[dict]] = [[] for _ in range(readers)]
+    loads = [0] * readers
+    for sh in sorted((s for s in shards if s["num_samples"] > 0), key=lambda s: (-s["num_samples"], s["name"])):
+        j = min(range(readers), key=lambda k: (loads[k], k))
+        buckets[j].append(sh)
+        loads[j] += sh["num_samples"]
+    return buckets
+
+
+class ShardStream(IterableDataset):
+    """Yields collated batches (use with ``DataLoader(batch_size=None)``)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        manifest: dict,
+        collate: Callable[[list[dict]], dict],
+        batch_size: int,
+        *,
+        mode: str = "train",
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        max_corrupt_fraction: float = 0.0,
+        pad_sample: Optional[dict] = None,
+    ):
+        self.root = Path(root)
+        self.split = split
+        info = manifest["splits"].get(split)
+        if info is None:
+            raise DataError(f"{self.root}/manifest.json: no split '{split}'")
+        self.shards = info["shards"]
+        self.num_samples = int(info["num_samples"])
+        if self.num_samples == 0:
+            raise DataError(f"{self.root}: split '{split}' is empty (0 samples); rebuild with more data or a different split")
+        self.collate = collate
+        self.batch_size = batch_size
+        self.mode = mode
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.pad_sample = pad_sample
+        self.epoch = 0
+        self.skip = 0  # batches to skip at the start of the next epoch (resume)
+        self.corrupt_shards: list[str] = []  # names skipped as unreadable (this process)
+        for sh in self.shards:
+            if not (self.root / sh["name"]).is_file():
+                raise DataError(f"{self.root}: shard '{sh['name']}' listed in manifest.json is missing")
+        if mode == "train":
+            readers = self.world_size * self.num_workers
+            self.assignment = balance_shards(self.shards, readers)
+            if any(not b for b in self.assignment):
+                nonempty = sum(1 for s in self.shards if s["num_samples"] > 0)
+                raise DataError(
+                    f"{self.root}: split '{split}' has {nonempty} non-empty shards but {world_size} ranks x "
+                    f"{self.num_workers} workers = {readers} readers need one each; rebuild with a smaller "
+                    f"shard_max_samples or lower data.num_workers"
+                )
+            self.batches_per_rank = self.num_samples // (self.world_size * self.batch_size)
+            if self.batches_per_rank == 0:
+                raise DataError(
+                    f"{self.root}: split '{split}' has {self.num_samples} samples, fewer than one batch of "
+                    f"{self.batch_size} per rank on {self.world_size} ranks"
+                )
+        else:
+            per_rank = -(-self.num_samples // self.world_size)
+            self.batches_per_rank = -(-per_rank // self.batch_size)
+
+    # -- epoch / resume state
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "skip": self.skip, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.skip = int(state["epoch"]), int(state.get("skip", 0))
+
+    def __len__(self) -> int:
+        return self.batches_per_rank
+
+    # -- iteration
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        if info is None:
+            return 0, 1
+        if info.num_workers != self.num_workers:
+            raise DataError(f"ShardStream built for {self.num_workers} workers but the DataLoader has {info.num_workers}")
+        return info.id, info.num_workers
+
+    def _samples(self, shards: list[dict], rng: random.Random, cycle: bool) -> Iterator[dict]:
+        bad: set[str] = set()  # a shard re-read on a later cycle is counted once
+        limit = self.max_corrupt_fraction * len(self.shards)
+        while True:
+            order = list(shards)
+            if self.mode == "train":
+                rng.shuffle(order)
+            yielded = False
+            for sh in order:
+                path = self.root / sh["name"]
+                if sh["name"] in bad:
+                    continue
+                try:
+                    # a tar cut at a member boundary reads as a shorter, "valid" tar:
+                    # the manifest's byte size and sample count catch that
+                    size, want = path.stat().st_size, sh.get("bytes")
+                    if want is not None and size != want:
+                        raise ValueError(f"{size} bytes, manifest.json says {want} (truncated?)")
+                    n = 0
+                    for s in _iter_shard(path):
+                        n += 1
+                        yielded = True
+                        yield s
+                    if n != sh["num_samples"]:
+                        raise ValueError(f"{n} samples, manifest.json says {sh['num_samples']} (truncated?)")
+                except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
+                    if isinstance(exc, DataError) and "pickle" in str(exc):
+                        raise
+                    bad.add(sh["name"])
+                    self.corrupt_shards = sorted(bad)
+                    if len(bad) > limit:
+                        raise DataError(
+                            f"{path}: unreadable shard ({type(exc).__name__}: {exc}); {len(bad)} bad shard(s) exceed "
+                            f"data.max_corrupt_fraction={self.max_corrupt_fraction} of {len(self.shards)}"
+                        ) from None
+                    print(f"[ecomtrain] warning: skipped unreadable shard {path} ({len(bad)} so far)")
+            if not cycle:
+                return
+            if not yielded:
+                raise DataError(f"{self.root}: no readable sample in shards {[s['name'] for s in shards]}")
+
+    def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            yield from it
+            return
+        buf: list[dict] = []
+        for s in it:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], s = s, buf[j]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def __iter__(self) -> Iterator[dict]:
+        # read worker id and resume skip now, not when the generator first runs:
+        # the loader clears ``skip`` right after creating the iterator
+        wid, nw = self._worker()
+        skip, self.skip = self.skip, 0  # a resume skip applies to one epoch only
+        return self._iterate(wid, nw, skip)
+
+    def _iterate(self, wid: int, nw: int, skip_total: int) -> Iterator[dict]:
+        if self.mode == "train":
+            # The DataLoader takes batches from workers round-robin starting at
+            # worker 0. After skipping k batches the next one belongs to the
+            # reader role k % nw, so worker w plays role (w + k) % nw: a resumed
+            # epoch continues in exactly the uninterrupted order.
+            role = (wid + skip_total) % nw
+            reader = self.rank * nw + role
+            rng = random.Random(hash((self.seed, self.epoch, reader)) & 0xFFFFFFFF)
+            # this role's share of the rank's batches
+            n_batches = self.batches_per_rank // nw + (1 if role < self.batches_per_rank % nw else 0)
+            stream = self._shuffled(self._samples(self.assignment[reader], rng, cycle=True), rng)
+            skip = skip_total // nw + (1 if role < skip_total % nw else 0)
+            for b in range(n_batches):
+                batch = [next(stream) for _ in range(self.batch_size)]
+                if b < skip:
+                    continue
+                yield self.collate(batch)
+            return
+        # eval: sample-level split, padded to the same batch count on every rank
+        reader, readers = self.rank * nw + wid, self.world_size * nw
+        rng = random.Random(0)
+        mine = (s for i, s in enumerate(self._samples(self.shards, rng, cycle=False)) if i % readers == reader)
+        n_batches = self.batches_per_rank // nw + (1 if wid < self.batches_per_rank % nw else 0)
+        for _ in range(n_batches):
+            batch = []
+            for s in mine:
+                batch.append(s)
+                if len(batch) == self.batch_size:
+                    break
+            weights = [1.0] * len(batch)
+            while len(batch) < self.batch_size and self.pad_sample is not None:
+                batch.append(self.pad_sample)
+                weights.append(0.0)
+            if not batch:  # no pad sample: this rank has nothing more (single-process eval only)
+                return
+            out = self.collate(batch)
+            out["weight"] = torch.tensor(weights)
+            yield out
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells its ShardStream which epoch starts at each iter(),
+    and keeps the position inside the epoch for mid-epoch resume.
+
+    Lightning only calls ``set_epoch`` on samplers; an IterableDataset copied
+    into workers would otherwise replay epoch 0 forever. ``state_dict`` /
+    ``load_state_dict`` follow the stateful-dataloader protocol Lightning
+    saves into checkpoints: {epoch, batches consumed in it, seed}; after
+    ``load_state_dict`` the next iter() resumes that epoch after those batches.
+    """
+
+    def __init__(self, dataset: ShardStream, num_workers: int = 0, first_epoch: int = 0, **kw):
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, persistent_workers=False, **kw)
+        self._next_epoch = first_epoch
+        self._epoch = first_epoch
+        self._consumed = 0
+        self._resume: Optional[tuple[int, int]] = None
+
+    def __iter__(self):
+        if self._resume is not None:
+            self._next_epoch, skip = self._resume
+            self._resume = None
+        else:
+            skip = 0
+        self._epoch = self._next_epoch
+        self.dataset.set_epoch(self._epoch)
+        self.dataset.skip = skip
+        self._next_epoch += 1
+        self._consumed = skip
+        it = super().__iter__()  # workers copy the dataset (and its skip) here
+        self.dataset.skip = 0
+        return self._count(it)
+
+    def _count(self, it):
+        for batch in it:
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batches": self._consumed, "seed": self.dataset.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state.get("seed", self.dataset.seed)) != self.dataset.seed:
+            raise DataError(f"resume: data order seed {state['seed']} differs from run.seed {self.dataset.seed}")
+        epoch, done = int(state["epoch"]), int(state["batches"])
+        # a checkpoint taken after the last batch of an epoch resumes at the next one
+        self._resume = (epoch + 1, 0) if done >= len(self.dataset) else (epoch, done)
+
+    def __len__(self) -> int:
+        return len(self.dataset)

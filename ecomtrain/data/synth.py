@@ -1,0 +1,162 @@
+"""Synthetic e-commerce behaviour log, seeded and deterministic.
+
+    ecomtrain data synth --out data/synth --users 2000 --items 600
+
+What it models (so that a recommender has something real to learn):
+- items have a category, a brand (brands live in one or two categories), a
+  log-normal price around a category level, and a generated title;
+- popularity is Zipf-like (exponent 1.0) over a random item order;
+- items form "series" inside a category (shampoo -> conditioner): after an item
+  a shopper often looks at its successor, a sequential signal popularity
+  cannot capture;
+- users have latent tastes: a Dirichlet(0.3) mix of categories, favourite
+  brands and a preferred price level;
+- sessions on a channel (app, web, mini_program) follow the funnel
+  view -> click -> cart -> purchase, and consumables are re-bought later
+  (repeat purchases).
+
+Writes ``OUT/events.parquet`` (user_id, item_id, timestamp, event_type,
+channel, value) and ``OUT/items.parquet`` (item_id, title, category, brand, price).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+_ADJ = ["Daily", "Pure", "Ultra", "Soft", "Fresh", "Classic", "Pro", "Gentle", "Deep", "Light", "Rich", "Active"]
+_CAT_NOUNS = [
+    "Shampoo", "Conditioner", "Face Cream", "Lipstick", "Mascara", "Serum", "Sunscreen", "Body Wash",
+    "Nail Polish", "Perfume", "Hair Oil", "Toner", "Cleanser", "Eye Liner", "Foundation", "Blush",
+    "Hand Cream", "Face Mask", "Razor", "Deodorant",
+]
+_CHANNELS = ["app", "web", "mini_program"]
+
+
+def generate(
+    num_users: int = 2000,
+    num_items: int = 600,
+    num_categories: int = 12,
+    num_brands: int = 40,
+    days: int = 120,
+    sessions_per_user: float = 6.0,
+    seed: int = 0,
+):
+    """Return (events, items) as polars DataFrames."""
+    import polars as pl
+
+    rng = np.random.default_rng(seed)
+    C, B, N = num_categories, num_brands, num_items
+
+    # ---- catalog
+    cat_sizes = rng.dirichlet(np.full(C, 2.0)) * N
+    item_cat = np.repeat(np.arange(C), np.maximum(1, np.round(cat_sizes).astype(int)))[:N]
+    if len(item_cat) < N:
+        item_cat = np.concatenate([item_cat, rng.integers(0, C, N - len(item_cat))])
+    rng.shuffle(item_cat)
+    brand_home = [rng.choice(C, size=rng.integers(1, 3), replace=False) for _ in range(B)]
+    cat_brands = [[b for b in range(B) if c in brand_home[b]] or [int(rng.integers(B))] for c in range(C)]
+    item_brand = np.array([rng.choice(cat_brands[c]) for c in item_cat])
+    cat_price = rng.uniform(np.log(5), np.log(80), C)
+    brand_premium = rng.normal(0, 0.4, B)
+    item_logp = cat_price[item_cat] + brand_premium[item_brand] + rng.normal(0, 0.25, N)
+    item_price = np.round(np.exp(item_logp), 2)
+    popularity = 1.0 / np.arange(1, N + 1) ** 1.0
+    popularity = popularity[rng.permutation(N)]
+    consumable = rng.random(N) < 0.4
+    # series: a random cycle inside each category gives every item a successor
+    successor = np.arange(N)
+    cat_items = [np.flatnonzero(item_cat == c) for c in range(C)]
+    for items in cat_items:
+        if len(items) > 1:
+            order = rng.permutation(items)
+            successor[order] = np.roll(order, -1)
+
+    titles = [
+        f"{'Brand' + str(item_brand[i]).zfill(2)} {_ADJ[rng.integers(len(_ADJ))]} "
+        f"{_CAT_NOUNS[item_cat[i] % len(_CAT_NOUNS)]} {int(rng.integers(50, 500))}ml"
+        for i in range(N)
+    ]
+    item_ids = [f"SKU{i:06d}" for i in range(N)]
+
+    # ---- users and their events
+    t0 = 1_700_000_000  # 2023-11-14, a fixed epoch keeps the output deterministic
+    span = days * 86400
+    cols: dict[str, list] = {k: [] for k in ("user_id", "item_id", "timestamp", "event_type", "channel", "value")}
+
+    def emit(u: int, i: int, t: int, ev: str, ch: str) -> None:
+        cols["user_id"].append(f"U{u:07d}")
+        cols["item_id"].append(item_ids[i])
+        cols["timestamp"].append(t)
+        cols["event_type"].append(ev)
+        cols["channel"].append(ch)
+        cols["value"].append(float(item_price[i]) if ev in ("cart", "purchase") else None)
+
+    for u in range(num_users):
+        taste = rng.dirichlet(np.full(C, 0.3))
+        fav_brands = rng.choice(B, size=3, replace=False)
+        brand_aff = np.ones(B)
+        brand_aff[fav_brands] = 4.0
+        price_pref = rng.normal(np.log(25), 0.6)
+        p_channel = rng.dirichlet([3.0, 2.0, 1.0])
+        n_sessions = 1 + rng.poisson(max(sessions_per_user - 1, 0.0))
+        starts = np.sort(rng.integers(0, span, n_sessions)) + t0
+        bought: list[int] = []
+        for s_start in starts:
+            ch = _CHANNELS[rng.choice(3, p=p_channel)]
+            t = int(s_start)
+            if bought and rng.random() < 0.25:  # repeat purchase of a consumable
+                i = bought[rng.integers(len(bought))]
+                if consumable[i]:
+                    for ev in ("view", "cart", "purchase"):
+                        emit(u, i, t, ev, ch)
+                        t += int(rng.integers(5, 90))
+            c = rng.choice(C, p=taste)
+            items = cat_items[c]
+            if len(items) == 0:
+                continue
+            w = popularity[items] * brand_aff[item_brand[items]] * np.exp(-0.5 * ((item_logp[items] - price_pref) / 0.7) ** 2)
+            w = w / w.sum()
+            i = int(rng.choice(items, p=w))
+            for _ in range(1 + rng.geometric(0.35)):
+                emit(u, i, t, "view", ch)
+                t += int(rng.integers(5, 120))
+                if rng.random() < 0.55:
+                    emit(u, i, t, "click", ch)
+                    t += int(rng.integers(5, 120))
+                    if rng.random() < 0.3:
+                        emit(u, i, t, "cart", ch)
+                        t += int(rng.integers(5, 60))
+                        if rng.random() < 0.6:
+                            emit(u, i, t, "purchase", ch)
+                            t += int(rng.integers(5, 60))
+                            bought.append(i)
+                # next item: the series successor (sequential signal) or a fresh pick
+                i = int(successor[i]) if rng.random() < 0.6 else int(rng.choice(items, p=w))
+
+    events = pl.DataFrame(
+        cols,
+        schema={"user_id": pl.Utf8, "item_id": pl.Utf8, "timestamp": pl.Int64, "event_type": pl.Utf8, "channel": pl.Utf8, "value": pl.Float64},
+    )
+    items_df = pl.DataFrame(
+        {
+            "item_id": item_ids,
+            "title": titles,
+            "category": [_CAT_NOUNS[c % len(_CAT_NOUNS)] + (f" {c // len(_CAT_NOUNS)}" if c >= len(_CAT_NOUNS) else "") for c in item_cat],
+            "brand": [f"Brand{b:02d}" for b in item_brand],
+            "price": item_price,
+        }
+    )
+    return events, items_df
+
+
+def write(out: str | Path, **kwargs) -> dict:
+    """Generate and write ``events.parquet`` + ``items.parquet``; returns a summary."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    events, items = generate(**kwargs)
+    events.write_parquet(out / "events.parquet")
+    items.write_parquet(out / "items.parquet")
+    counts = dict(events.group_by("event_type").len().sort("event_type").iter_rows())
+    return {"out": str(out), "events": events.height, "users": events["user_id"].n_unique(), "items": items.height, "by_event_type": counts}
