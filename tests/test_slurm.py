@@ -1,6 +1,8 @@
 """launch/slurm.sbatch on a real one-node Slurm (installed and started by tests/slurm_harness.py).
 
-Two tasks on CPU (DDP over gloo, Qwen2 with 2 layers / hidden 64, 200 synthetic users), 8 steps.
+Two tasks on CPU (DDP over gloo, Qwen2 with 2 layers / hidden 64, 200 synthetic users), 8 steps:
+a plain job; a job signalled by hand mid-run (requeue + resume); a job signalled by the time limit
+(the slowest, ~3 min: it waits for Slurm's clock).
 
     sudo OMP_NUM_THREADS=1 pytest -m slurm tests/test_slurm.py -s
 """
@@ -88,3 +90,34 @@ def test_sbatch_requeue_resumes_from_checkpoint(cluster, tmp_path):
     assert f"resuming from {run_dir}/checkpoints/" in log
     assert metrics(run_dir)["train/global_step"] == 8
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_time_limit_signal_requeues_and_finishes(cluster, tmp_path):
+    """The header's own --signal=B:USR1@120, fired by Slurm's clock: a 4-minute limit sends SIGUSR1
+    60-120 s after the start (Slurm may send it up to 60 s early); the first attempt holds at step 3
+    until then. Each later attempt must start from a checkpoint (step > 0) and the job must finish."""
+    t0 = time.time()
+    ds = tiny_data(tmp_path)
+    recipe = tiny_recipe(tmp_path / "tiny.yaml", ds)
+    env = child_env(RUN_ROOT=str(tmp_path / "runs"), ECOMTRAIN_TEST_HOOKS="pause_at=3")
+    job = sbatch(SCRIPT, str(recipe), sbatch_opts=(*OPTS, "--time=4"), cwd=tmp_path, env=env)
+    final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+    try:
+        while True:
+            info = job_info(job)
+            if info.get("JobState") in final or time.time() - t0 > 900:
+                break
+            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+                time.sleep(3)  # lift the 120 s requeue hold (see the test above)
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            time.sleep(1)
+    finally:
+        cancel(job)
+    log = read(tmp_path / f"ecomtrain-{job}.out")
+    print(f"[timing] slurm time-limit requeue job: {time.time() - t0:.1f}s")
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, (info, log[-3000:])
+    assert "SIGUSR1: asking the tasks to checkpoint" in log and "exit 75" in log
+    attempts = starts(log)
+    assert attempts[0] == (0, 0) and len(attempts) == int(info["Restarts"]) + 1, attempts
+    assert all(step > 0 for step, _ in attempts[1:]), attempts
+    assert metrics(tmp_path / "runs" / f"tiny-{job}")["train/global_step"] == 8
