@@ -76,9 +76,14 @@ def test_export_loads_with_plain_transformers(tmp_path, tiny_dataset, strategy):
     ids = torch.tensor([[1, 5, 9, 2, 40], [0, 0, 3, 7, 80]]) * 1
     ids_file = str(tmp_path / "ids.pt")
     torch.save(ids, ids_file)
+    # a process where ecomtrain cannot be imported: -S skips site's .pth files (the editable
+    # install of ecomtrain is one), PYTHONPATH gives back only the installed site-packages
+    import site
+
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN, str(out), str(tiny_dataset), "20", ids_file],
+        [sys.executable, "-S", "-c", PLAIN, str(out), str(tiny_dataset), "20", ids_file],
         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
