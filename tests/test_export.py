@@ -28,7 +28,11 @@ PLAIN = textwrap.dedent(
     import json, math, sys, tarfile
     from pathlib import Path
     import torch
-    sys.modules["ecomtrain"] = None  # any import of ecomtrain now fails: plain transformers only
+    try:
+        import ecomtrain  # noqa: F401
+        sys.exit("ecomtrain must not be importable here")
+    except ImportError:
+        pass
     from transformers import AutoModelForCausalLM, AutoTokenizer
     out, data, max_hist, ids_file = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     model = AutoModelForCausalLM.from_pretrained(out).eval()
