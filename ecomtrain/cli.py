@@ -5,6 +5,7 @@
     ecomtrain data inspect data/quickstart
     ecomtrain train recipes/quickstart.yaml [dotted.key=value ...]
     ecomtrain eval runs/quickstart-... [--split test] [--ckpt best|last|PATH]
+    ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH] [--merge]
 
 Heavy imports (torch, lightning) happen inside the verbs so that ``--help``
 and recipe validation answer at once.
@@ -120,6 +121,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export
+
+    out = export(a.run_dir, a.out, ckpt=a.ckpt, merge=a.merge, force=a.force, overrides=a.overrides)
+    how = "transformers.AutoModelForCausalLM.from_pretrained"
+    if (Path(out) / "adapter").is_dir() and not a.merge:
+        how += f" + peft.PeftModel.from_pretrained(model, '{Path(out) / 'adapter'}')"
+    print(f"exported: {out} (load with {how})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -155,6 +167,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["val", "test"])
     e.add_argument("--ckpt", default="best", help="best, last, or a checkpoint path")
     e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write a Hugging Face folder (safetensors, tokenizer, item_vocab.json) from a run's checkpoint")
+    x.add_argument("run_dir")
+    x.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run's recipe (e.g. data.path=...)")
+    x.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --force)")
+    x.add_argument("--ckpt", default="last", help="last (default), best, or a checkpoint path (file or DeepSpeed folder)")
+    x.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    x.add_argument("--merge", action="store_true", help="adapter runs: fold the adapter into the weights (a plain model; adapter/ is still written)")
+    x.set_defaults(fn=cmd_export)
     return p
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(ValueError):
@@ -124,27 +124,66 @@ class TaskConfig(_Section):
 
 
 class LoraConfig(_Section):
-    r: int = Field(8, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Optional[list[str]] = None
+    """LoRA / DoRA / QLoRA adapter shape (peft ``LoraConfig``)."""
+
+    r: int = Field(8, gt=0, description="Adapter rank.")
+    alpha: int = Field(16, gt=0, description="Scaling numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r) instead of alpha / r.")
 
 
 class AdaLoraConfig(_Section):
-    init_r: int = Field(12, gt=0)
-    target_r: int = Field(4, gt=0)
-    tinit: int = Field(0, ge=0)
-    tfinal: int = Field(0, ge=0)
-    delta_t: int = Field(1, gt=0)
+    """AdaLoRA (peft ``AdaLoraConfig``): rank budget shrinks from init_r to target_r per module on average.
+
+    The schedule runs over the trainer's optimizer steps (``total_step`` = Lightning's
+    ``estimated_stepping_batches``): ``tinit`` warm-up steps at full budget, a cubic
+    decrease, then ``tfinal`` steps at the final budget with the rank pattern fixed.
+    """
+
+    init_r: int = Field(12, gt=0, description="Starting rank of every adapted module.")
+    target_r: int = Field(4, gt=0, description="Average final rank per module (total budget = target_r x modules).")
+    tinit: int = Field(0, ge=0, description="Optimizer steps at full budget before pruning starts.")
+    tfinal: int = Field(0, ge=0, description="Last optimizer steps trained with the final, fixed rank pattern.")
+    delta_t: int = Field(1, gt=0, description="Re-allocate the budget every delta_t optimizer steps.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the sensitivity score.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the uncertainty score.")
+    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality penalty on P and Q, added to the training loss.")
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Optional[list[str]] = None
+
+    @model_validator(mode="after")
+    def _shrinks(self) -> "AdaLoraConfig":
+        if self.target_r > self.init_r:
+            raise ValueError(f"target_r ({self.target_r}) must not exceed init_r ({self.init_r})")
+        return self
+
+
+class QLoraConfig(_Section):
+    """4-bit base weights (bitsandbytes) under a LoRA adapter; CUDA only."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="Also quantise the quantisation constants (saves ~0.4 bit/param).")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
 class FinetuneConfig(_Section):
+    """Which parameters train (see docs/peft.md).
+
+    ``full`` trains everything. ``lora``, ``dora``, ``adalora`` and ``qlora`` freeze the
+    backbone and train peft adapters on ``target_modules``; under every method the
+    item-token rows of the input embedding (and of the output head, tied or not)
+    train too, through peft's ``trainable_token_indices``.
+    """
+
     method: Literal["full", "lora", "adalora", "dora", "qlora"] = "full"
-    lora: LoraConfig = Field(default_factory=LoraConfig)
+    target_modules: Optional[list[str]] = Field(
+        None,
+        description="Module names (suffixes) that get adapters; default per architecture "
+        "(Qwen2/Llama/Mistral: q,k,v,o,gate,up,down _proj; otherwise every Linear but the head).",
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Used by lora, dora and qlora.")
     adalora: AdaLoraConfig = Field(default_factory=AdaLoraConfig)
+    qlora: QLoraConfig = Field(default_factory=QLoraConfig)
 
 
 # --------------------------------------------------------------------- optimiser
@@ -160,16 +199,51 @@ class OptimConfig(_Section):
 
 # ----------------------------------------------------------------------- trainer
 class StrategyConfig(_Section):
+    """How the model is spread over processes (see docs/dist.md).
+
+    ``auto``/``single``: one process. ``ddp``: a full replica per process, gradients all-reduced.
+    ``deepspeed``: ZeRO stage 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters).
+    The same recipe runs on CPU (gloo) and CUDA (nccl); the backend follows the accelerator.
+    """
+
     name: Literal["auto", "single", "ddp", "deepspeed"] = "auto"
-    zero_stage: Literal[1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    deepspeed_config: dict[str, Any] = Field(default_factory=dict, description="Extra DeepSpeed config keys merged on top.")
+    zero_stage: Literal[1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (only for name=deepspeed).")
+    offload_optimizer: bool = Field(False, description="ZeRO: keep optimizer states (and the step) in CPU memory (stage 1-3).")
+    offload_params: bool = Field(False, description="ZeRO-3 only: keep parameters in CPU memory between uses.")
+    offload_device: Literal["cpu", "nvme"] = Field("cpu", description="Where offloaded tensors live.")
+    nvme_path: str = Field("/local_nvme", description="Folder for offload_device=nvme.")
+    process_group_timeout_s: int = Field(1800, gt=0, description="Collective timeout; a hung rank fails after this many seconds.")
+    find_unused_parameters: bool = Field(False, description="DDP: tolerate parameters without gradients (slower; needed for some adapters).")
+    deepspeed_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra DeepSpeed config keys, deep-merged on top of the generated config "
+        "(e.g. {zero_optimization: {reduce_bucket_size: 5e7}}). gradient_accumulation_steps is "
+        "set from trainer.accumulate_grad_batches and may not appear here.",
+    )
+
+    @field_validator("deepspeed_config")
+    @classmethod
+    def _no_grad_accum(cls, v: dict) -> dict:
+        if "gradient_accumulation_steps" in v:
+            raise ValueError("set trainer.accumulate_grad_batches instead of deepspeed_config.gradient_accumulation_steps")
+        return v
 
 
 class CheckpointConfig(_Section):
-    every_n_steps: Optional[int] = Field(None, gt=0, description="Also checkpoint every N optimizer steps.")
-    keep_last: int = Field(2, gt=0)
+    """Checkpoints in RUN_DIR/checkpoints, each written under a temporary name and renamed when complete."""
+
+    every_n_steps: Optional[int] = Field(None, gt=0, description="Also checkpoint every N optimizer steps (step<N>.ckpt).")
+    keep_last: int = Field(2, gt=0, description="How many periodic step checkpoints to keep (oldest deleted first).")
+    save_last: bool = Field(True, description="Keep checkpoints/last.ckpt pointing at the newest complete checkpoint.")
+
+
+class NonFiniteConfig(_Section):
+    """What every rank does when the training loss is NaN/inf on any rank."""
+
+    action: Literal["stop", "skip"] = Field(
+        "stop", description="stop: end the run with an error (no checkpoint is written); skip: drop that batch's update."
+    )
+    max_skips: int = Field(10, ge=0, description="action=skip: stop once more than this many steps were skipped in the run.")
 
 
 class EarlyStoppingConfig(_Section):
@@ -179,24 +253,40 @@ class EarlyStoppingConfig(_Section):
     mode: Literal["max", "min"] = "max"
 
 
+class PreemptionConfig(_Section):
+    """Checkpoint-and-stop on a signal, for Slurm requeue and torchrun restarts (see launch/README.md)."""
+
+    signal: Literal["SIGUSR1", "SIGUSR2", "none"] = Field(
+        "SIGUSR1",
+        description="On this signal every rank checkpoints at the same step and the run exits with status 75 "
+        "(launch/slurm.sbatch then requeues it; resume=auto continues). 'none': the signal keeps its default action.",
+    )
+
+
 class TrainerConfig(_Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: Union[int, Literal["auto"]] = 1
     num_nodes: int = Field(1, gt=0)
-    precision: Literal["32", "16-mixed", "bf16-mixed", "bf16-true"] = "32"
+    precision: Literal["32", "16-mixed", "bf16-mixed", "bf16-true"] = Field(
+        "32", description="32: fp32. bf16-mixed / 16-mixed: autocast (fp16 adds loss scaling; CUDA only). bf16-true: weights in bf16."
+    )
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     max_epochs: int = Field(1, gt=0)
     max_steps: int = Field(-1, ge=-1)
-    accumulate_grad_batches: int = Field(1, gt=0)
-    gradient_clip_val: Optional[float] = Field(1.0, ge=0)
+    accumulate_grad_batches: int = Field(1, gt=0, description="Micro-batches per optimizer step (global batch = batch_size x devices x nodes x this).")
+    gradient_clip_val: Optional[float] = Field(1.0, ge=0, description="Clip the global gradient norm to this value (None or 0 = off); DeepSpeed clips internally.")
     check_val_every_n_epoch: int = Field(1, gt=0)
     log_every_n_steps: int = Field(10, gt=0)
     limit_train_batches: Optional[Union[int, float]] = None
     limit_val_batches: Optional[Union[int, float]] = None
     progress_bar: bool = True
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
+    preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
-    resume: Optional[str] = Field(None, description="'auto' (last checkpoint in RUN_DIR) or a checkpoint path.")
+    resume: Optional[str] = Field(
+        None, description="'auto' (newest complete checkpoint in RUN_DIR/checkpoints, or a fresh start if none) or a checkpoint path (file, or folder for DeepSpeed)."
+    )
     test_ckpt: Literal["best", "last"] = Field("best", description="Checkpoint used for the final test: best on the validation monitor, or the last weights.")
 
     @field_validator("precision", mode="before")

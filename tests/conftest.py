@@ -35,7 +35,7 @@ def tiny_dataset(tmp_path_factory, synth_raw) -> Path:
     from ecomtrain.data import build, importers
 
     out = tmp_path_factory.mktemp("tiny_ds")
-    build.build(importers.load("synth", synth_raw), out, shard_max_samples=100, log=lambda *_: None)
+    build.build(importers.load("synth", synth_raw), out, shard_max_samples=50, log=lambda *_: None)
     return out
 
 

@@ -1,4 +1,11 @@
-"""LightningDataModule over built WebDataset shards (see data/stream.py)."""
+"""LightningDataModule over built WebDataset shards (see data/stream.py).
+
+Resume: the datamodule's state in a checkpoint is (epoch, batches consumed in that
+epoch on this rank). On restore the train stream fast-forwards past exactly those
+batches (``ShardStream.skip``; the order is a pure function of seed, epoch, rank and
+worker), so a resumed run sees the same batches at the same steps as an
+uninterrupted one.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,17 @@ from ..data.build import load_manifest
 from ..data.stream import EpochLoader, ShardStream
 
 
+class _ResumableLoader(EpochLoader):
+    def __iter__(self):
+        it = super().__iter__()
+        if self.num_workers > 0:
+            # the workers copied the dataset, skip included, when the iterator started; the
+            # main-process copy must not skip again next epoch. (With no workers ShardStream
+            # reads and clears skip itself on its first batch: clearing it here would be too early.)
+            self.dataset.skip = 0
+        return it
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, cfg: Recipe, task, manifest: dict | None = None):
         super().__init__()
@@ -19,10 +37,46 @@ class ShardDataModule(L.LightningDataModule):
         self.root = Path(cfg.data.path)
         self.manifest = manifest or load_manifest(self.root)
         self._train: ShardStream | None = None
+        self._resume: dict | None = None
+        self._loader: _ResumableLoader | None = None
 
     def _topology(self) -> tuple[int, int]:
         t = self.trainer
         return (t.global_rank, t.world_size) if t is not None else (0, 1)
+
+    # -- resume state (Lightning stores it in every checkpoint)
+    def state_dict(self) -> dict:
+        t = self.trainer
+        if t is None:
+            return {}
+        # batches this rank has taken from the current epoch's stream (the one just trained included:
+        # checkpoints are written from on_train_batch_end, before Lightning counts it completed)
+        done = t.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": int(t.current_epoch), "batches_in_epoch": int(done), "world_size": int(t.world_size)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self._resume = dict(state)
+        if self._loader is not None:
+            # DeepSpeed restores after setup, when the train loader already exists: move it now
+            self._apply_resume(self._loader)
+
+    def _apply_resume(self, loader: "_ResumableLoader") -> None:
+        st, self._resume = self._resume, None
+        if not st or self.trainer is None or self.trainer.state.fn != "fit":
+            return
+        world = self._topology()[1]
+        if int(st.get("world_size", world)) != world:
+            raise RuntimeError(
+                f"resume: the checkpoint was written by {st['world_size']} ranks but this run has {world}; "
+                "the data position inside the epoch cannot be mapped (resume with the same devices x num_nodes)"
+            )
+        epoch, skip = int(st.get("epoch", 0)), int(st.get("batches_in_epoch", 0))
+        if skip >= len(loader.dataset):
+            epoch, skip = epoch + 1, 0  # the checkpoint closed the epoch: the next one starts fresh
+        loader._next_epoch = epoch
+        loader.dataset.skip = skip
 
     def train_dataloader(self):
         d = self.cfg.data
@@ -33,7 +87,10 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=d.shuffle_buffer, seed=self.cfg.run.seed, max_corrupt_fraction=d.max_corrupt_fraction,
         )
         first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        return EpochLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch)
+        self._loader = _ResumableLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch)
+        if self._resume is not None:
+            self._apply_resume(self._loader)
+        return self._loader
 
     def _eval_loader(self, split: str):
         d = self.cfg.data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -9,17 +10,9 @@ from ..config import RecipeError, load_recipe
 
 
 def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
-    ck = run_dir / "checkpoints"
-    if ckpt == "last":
-        path = ck / "last.ckpt"
-    elif ckpt == "best":
-        found = sorted(ck.glob("best-*.ckpt"))
-        path = found[-1] if found else ck / "last.ckpt"
-    else:
-        path = Path(ckpt)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    return path
+    from .checkpointing import resolve_checkpoint
+
+    return resolve_checkpoint(run_dir, ckpt)
 
 
 def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: Optional[list[str]] = None) -> dict:
@@ -30,6 +23,7 @@ def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: O
     from ..data.build import load_manifest
     from .datamodule import ShardDataModule
     from .module import RecModule, make_task
+    from .checkpointing import consolidate_deepspeed, is_deepspeed_checkpoint
     from .strategies import resolve_accelerator
 
     rd = Path(run_dir)
@@ -48,8 +42,13 @@ def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: O
     path = find_checkpoint(rd, ckpt)
     run = trainer.validate if split == "val" else trainer.test
     out: dict = {}
-    for res in run(module, datamodule=dm, ckpt_path=str(path), verbose=False):
-        out.update({k: float(v) for k, v in res.items()})
+    with tempfile.TemporaryDirectory() as td:
+        load = path
+        if is_deepspeed_checkpoint(path):
+            # a DeepSpeed folder (ZeRO-1/2/3, any world size) -> one fp32 file a single process can load
+            load = consolidate_deepspeed(path, Path(td) / "consolidated.ckpt")
+        for res in run(module, datamodule=dm, ckpt_path=str(load), verbose=False):
+            out.update({k: float(v) for k, v in res.items()})
     out["eval/exclude_seen"] = bool(cfg.eval.exclude_seen)
     out["eval/checkpoint"] = str(path)
     return dict(sorted(out.items()))

@@ -16,8 +16,10 @@ from torch import nn
 
 from ..config import Recipe
 from ..metrics import RankingMetrics
+from ..model.adapters import adapter_regularization, apply_finetune_method, check_method_supported
 from ..model.backbone import ItemLM, build_causal_lm
 from ..tasks.next_item import NextItemTask
+from . import _test_hooks
 
 
 def make_task(cfg: Recipe, num_items: int) -> NextItemTask:
@@ -43,6 +45,7 @@ class RecModule(L.LightningModule):
         # only the (secret-free) recipe and vocabulary size go into checkpoints
         self.save_hyperparameters({"recipe": recipe, "num_items": num_items})
         self.cfg = Recipe.model_validate(recipe)
+        check_method_supported(self.cfg)  # e.g. qlora without CUDA: fail before any model is built
         self.num_items = num_items
         self.task = make_task(self.cfg, num_items)
         counts = torch.tensor(item_counts if item_counts is not None else [0] * num_items, dtype=torch.float32)
@@ -61,16 +64,55 @@ class RecModule(L.LightningModule):
         lm, vocab, tok = build_causal_lm(self.cfg.model, self.num_items)
         if self.cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        from ..model.adapters import apply_finetune_method
+        from .peft_compat import cpu_safe_peft
 
-        lm = apply_finetune_method(lm, self.cfg, vocab)
+        with cpu_safe_peft():  # peft's ZeRO-3 path for item-token rows assumes CUDA
+            lm = apply_finetune_method(lm, self.cfg, vocab)
         self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout)
 
     # -- steps
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self.task.loss(self.net, batch)
+        loss = _test_hooks.maybe_nan(loss, self.trainer)
+        if not self._loss_finite_everywhere(loss):
+            return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
+        reg = adapter_regularization(self.net.lm)  # AdaLoRA's orthogonality penalty; None otherwise
+        if reg is not None:
+            self.log("train/orth_reg", reg, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
+            loss = loss + reg
         return loss
+
+    def _loss_finite_everywhere(self, loss: torch.Tensor) -> bool:
+        # one scalar all-reduce per step, so every rank takes the same branch below (a rank that
+        # skipped alone would leave the others waiting in the gradient all-reduce)
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        return not self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+
+    def _nonfinite(self, loss: torch.Tensor) -> Optional[torch.Tensor]:
+        nf = self.cfg.trainer.nonfinite
+        step = self.trainer.global_step
+        self._skipped = getattr(self, "_skipped", 0) + 1
+        if nf.action == "stop" or self._skipped > nf.max_skips:
+            why = "trainer.nonfinite.action=stop" if nf.action == "stop" else f"more than trainer.nonfinite.max_skips={nf.max_skips} skipped steps"
+            raise FloatingPointError(
+                f"non-finite training loss (NaN/inf) on at least one rank at step {step} ({why}); "
+                "the run stops and no checkpoint of this state is written. Lower optim.lr, use "
+                "precision bf16-mixed instead of 16-mixed, check the data, or set trainer.nonfinite.action=skip."
+            )
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"non-finite training loss at step {step}: update skipped ({self._skipped}/{nf.max_skips})")
+        self.log("train/skipped_steps", float(self._skipped), on_step=True, on_epoch=False, batch_size=1)
+        if type(self.trainer.strategy).__name__ == "_DeepSpeed":
+            # Lightning cannot skip backward under DeepSpeed; DeepSpeed's optimizer itself
+            # discards a step whose gradient norm is NaN/inf (its overflow check), so the
+            # weights stay finite and unchanged
+            return loss
+        return None  # Lightning skips backward and the optimizer step (same on every rank)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        _test_hooks.maybe_crash(self.trainer)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         scores = self.task.scores(self.net, batch)

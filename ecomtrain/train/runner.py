@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -87,23 +88,31 @@ def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
 
 
 def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
-    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
+
+    from .checkpointing import AtomicCheckpoint, ResumeState
 
     tc = cfg.trainer
+    ck = str(run_dir / "checkpoints")
     cbs = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"), filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
-            monitor="val/ndcg@10", mode="max", save_top_k=1, save_last=True,
-        )
+        ResumeState(),
+        AtomicCheckpoint(
+            dirpath=ck, filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
+            monitor="val/ndcg@10", mode="max", save_top_k=1, save_last=tc.checkpoint.save_last,
+        ),
     ]
     if tc.checkpoint.every_n_steps:
         cbs.append(
-            ModelCheckpoint(
-                dirpath=str(run_dir / "checkpoints"), filename="step{step}", auto_insert_metric_name=False,
+            AtomicCheckpoint(
+                dirpath=ck, filename="step{step}", auto_insert_metric_name=False,
                 every_n_train_steps=tc.checkpoint.every_n_steps, save_top_k=tc.checkpoint.keep_last,
-                monitor="step", mode="max",
+                monitor="step", mode="max", save_last=False,
             )
         )
+    if cfg.finetune.method == "adalora":
+        from .adalora import AdaLoraAllocator
+
+        cbs.append(AdaLoraAllocator())  # rank budget schedule, once per optimizer step
     if tc.early_stopping.enabled:
         es = tc.early_stopping
         cbs.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
@@ -114,6 +123,45 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
     return cbs
 
 
+def resume_path(resume: Optional[str], run_dir: Path) -> Optional[str]:
+    """``trainer.resume``: None, 'auto' (newest complete checkpoint of RUN_DIR, or a fresh start) or a path."""
+    from .checkpointing import find_resume
+
+    if not resume:
+        return None
+    if resume == "auto":
+        found = find_resume(run_dir)
+        return str(found) if found else None
+    path = Path(resume)
+    if not path.exists():
+        raise FileNotFoundError(f"trainer.resume: checkpoint not found: {path}")
+    return str(path.resolve())
+
+
+def eval_checkpoint(trainer, run_dir: Path, which: str) -> Optional[str]:
+    """The checkpoint the final validate/test load (the resolved best or last one).
+
+    A DeepSpeed ZeRO-3 folder cannot be loaded into DeepSpeed's inference engine (it has no
+    optimizer to take the partitions), so rank 0 consolidates it into one fp32 file first and the
+    strategy loads that with ``load_full_weights`` (gathering each layer into its shards).
+    """
+    from .checkpointing import consolidate_deepspeed, find_resume, is_deepspeed_checkpoint
+
+    cb = trainer.checkpoint_callback
+    path = Path(cb.best_model_path) if which == "best" and cb and cb.best_model_path else find_resume(run_dir)
+    if path is None or not path.exists():
+        return None  # nothing saved (checkpointing off): evaluate the weights in memory
+    strategy = trainer.strategy
+    if is_deepspeed_checkpoint(path) and getattr(strategy, "zero_stage_3", False):
+        out = run_dir / "checkpoints" / f".eval-{path.name}.pt"
+        if trainer.is_global_zero:
+            consolidate_deepspeed(path, out)
+        strategy.barrier("ecomtrain.consolidate")
+        strategy.load_full_weights = True
+        return str(out)
+    return str(path)
+
+
 def train(cfg: Recipe, log=print) -> Path:
     import lightning as L
     import polars as pl
@@ -122,6 +170,9 @@ def train(cfg: Recipe, log=print) -> Path:
     from .module import RecModule, make_task
     from .strategies import build_strategy, resolve_accelerator
 
+    from . import preemption
+
+    preemption.install(cfg.trainer.preemption.signal)  # first: a signal during setup is kept, not fatal
     t0 = time.time()
     run_dir = resolve_run_dir(cfg)
     is_zero = global_rank() == 0
@@ -140,31 +191,41 @@ def train(cfg: Recipe, log=print) -> Path:
     tc = cfg.trainer
     accelerator = resolve_accelerator(tc)
     loggers = make_loggers(cfg, run_dir, recipe_tree)
+    stop_on_signal = preemption.StopOnSignal(log=log)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, accelerator),
+        accelerator=accelerator, devices=tc.devices, num_nodes=tc.num_nodes, strategy=build_strategy(tc, accelerator, cfg.data.batch_size),
         precision=tc.precision, max_epochs=tc.max_epochs, max_steps=tc.max_steps,
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
-        logger=loggers, callbacks=make_callbacks(cfg, run_dir, bool(loggers)),
+        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal],
+        plugins=preemption.cluster_plugins(),
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, deterministic=False,
     )
-    ckpt = None
-    if tc.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        ckpt = str(last) if last.exists() else None
-    elif tc.resume:
-        ckpt = tc.resume
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    ckpt = resume_path(tc.resume, run_dir)
+    if ckpt and is_zero:
+        log(f"resuming from {ckpt}")
+    # the datamodule restores the in-epoch position itself (see datamodule.py)
+    warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+    except preemption.Preempted as stop:
+        # the checkpoint is written; evaluating now would overrun the time limit
+        if is_zero:
+            log(f"preempted at step {stop}; exit {preemption.EXIT_PREEMPTED} (resume with trainer.resume=auto)")
+        raise SystemExit(preemption.EXIT_PREEMPTED) from None
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     which = "best" if (tc.test_ckpt == "best" and best) else "last"
+    eval_ckpt = eval_checkpoint(trainer, run_dir, which)
     metrics: dict = {}
-    for res in trainer.validate(module, datamodule=dm, ckpt_path=which, verbose=False):
+    for res in trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False):
         metrics.update(res)
-    for res in trainer.test(module, datamodule=dm, ckpt_path=which, verbose=False):
+    for res in trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False):
         metrics.update(res)
+    if eval_ckpt and Path(eval_ckpt).name.startswith(".eval-") and trainer.is_global_zero:
+        Path(eval_ckpt).unlink(missing_ok=True)  # the consolidated ZeRO-3 copy was only for this
     metrics = {k: float(v) for k, v in sorted(metrics.items()) if "/" in k}
     metrics.update(
         {

@@ -1,0 +1,201 @@
+"""``ecomtrain export RUN_DIR --out DIR``: a folder plain transformers loads, from any strategy.
+
+    ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH] [--force]
+
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained("exported/")    # no ecomtrain needed
+
+DIR holds ``config.json`` + ``model.safetensors`` (save_pretrained), a tokenizer
+(the backbone's, extended with item tokens; for a random-init backbone a word-level
+one over ``<pad> <item_1> ...``), ``item_vocab.json`` (token id <-> raw item id from
+the dataset's items.parquet), ``ecomtrain_export.json`` (provenance) and README.md.
+
+Checkpoints of every strategy are read the same way: a DeepSpeed folder (ZeRO-1/2/3,
+any world size) is consolidated to fp32 with DeepSpeed's zero_to_fp32 (through
+Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``); a plain file is loaded.
+
+Adapter runs (finetune.method lora/dora/adalora/qlora) also get ``DIR/adapter/``
+(peft adapter_config.json + adapter_model.safetensors; AdaLoRA trimmed to its final
+rank pattern, read from the checkpoint). Without ``--merge`` DIR's weights are the
+base model (item tokens appended, adapters removed), so plain peft rebuilds the
+trained model::
+
+    base = AutoModelForCausalLM.from_pretrained("exported/")
+    model = PeftModel.from_pretrained(base, "exported/adapter")
+
+With ``--merge`` DIR's weights are the adapters folded into a plain model (same
+logits, no peft needed); ``adapter/`` is still written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import RecipeError, load_recipe
+
+LM_PREFIX = "net.lm."
+
+
+def lm_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """RecModule state dict -> the HF causal LM's (``net.lm.`` keys, prefix dropped)."""
+    out = {k[len(LM_PREFIX):]: v for k, v in state_dict.items() if k.startswith(LM_PREFIX)}
+    if not out:
+        raise RecipeError(f"checkpoint holds no '{LM_PREFIX}*' weights (keys start with: {sorted(state_dict)[:3]})")
+    return out
+
+
+def load_trained_lm(run_dir: Path, ckpt: str = "last", overrides: Optional[list[str]] = None):
+    """(hf_model with trained weights, ItemVocab, tokenizer or None, recipe, checkpoint path, loaded checkpoint)."""
+    from .model.backbone import build_causal_lm
+    from .train.checkpointing import load_lightning_state, resolve_checkpoint
+
+    cfg = load_recipe(run_dir / "recipe.yaml", overrides or [])
+    path = resolve_checkpoint(run_dir, ckpt)
+    state = load_lightning_state(path)
+    num_items = int(state.get("hyper_parameters", {}).get("num_items") or 0)
+    if num_items <= 0:
+        raise RecipeError(f"{path}: checkpoint has no hyper_parameters.num_items")
+    lm, vocab, tok = build_causal_lm(cfg.model, num_items)
+    from .model.adapters import apply_finetune_method
+
+    lm = apply_finetune_method(lm, cfg, vocab)
+    sd = lm_state_dict(state["state_dict"])
+    missing, unexpected = lm.load_state_dict(sd, strict=False)
+    tied = {"lm_head.weight"} if getattr(lm.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RecipeError(f"{path}: weights do not match the recipe's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    lm.eval()
+    return lm, vocab, tok, cfg, path, state
+
+
+def finalize_for_export(lm, merge: bool = False, adapter_dir: Optional[Path] = None, state: Optional[dict] = None,
+                        base_path: Optional[str] = None):
+    """The model to save_pretrained. Full fine-tuning: as is. A peft model: its adapter is written to
+    ``adapter_dir`` (AdaLoRA with the checkpoint's rank pattern), then merged in (``merge``) or removed."""
+    from .model.adapters import peft_model, save_adapter, set_rank_pattern, strip_adapter
+
+    if peft_model(lm) is None:
+        return lm
+    from .train.adalora import rank_pattern_from_checkpoint
+
+    set_rank_pattern(lm, rank_pattern_from_checkpoint(state or {}))
+    if adapter_dir is not None:
+        save_adapter(lm, adapter_dir, base_model_path=base_path)
+    return strip_adapter(lm, merge)
+
+
+def item_tokenizer(num_items: int):
+    """Word-level tokenizer over the random-init vocabulary: <pad>=0, <item_i>=i."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, **{f"<item_{i}>": i for i in range(1, num_items + 1)}}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=t, pad_token="<pad>", unk_token="<pad>")
+
+
+def item_vocab_json(cfg, vocab) -> dict:
+    import polars as pl
+
+    from .data.build import load_manifest
+
+    root = Path(cfg.data.path)
+    manifest = load_manifest(root)
+    items = pl.read_parquet(root / manifest.get("item_file", "items.parquet"), columns=["item", "idx"]).sort("idx")
+    if items.height != vocab.num_items:
+        raise RecipeError(f"{root}/items.parquet has {items.height} items but the model has {vocab.num_items}")
+    tok_ids = [vocab.offset + int(i) - 1 for i in items["idx"]]
+    raw = [v if isinstance(v, (int, str)) else str(v) for v in items["item"].to_list()]
+    return {
+        "num_items": vocab.num_items,
+        "first_item_token_id": vocab.offset,
+        "pad_token_id": vocab.pad_token_id,
+        "token_format": "<item_{index}>",
+        "note": "item index i (1..num_items, as in the dataset) is token first_item_token_id + i - 1; "
+        "item scores are logits[..., first_item_token_id : first_item_token_id + num_items]",
+        "token_id_to_item_id": {str(t): r for t, r in zip(tok_ids, raw)},
+        "item_id_to_token_id": {str(r): t for t, r in zip(tok_ids, raw)},
+    }
+
+
+README = """# {name}: exported by ecomtrain
+
+A Hugging Face causal LM whose vocabulary holds the shop's items as tokens. Loads with
+plain transformers (no ecomtrain needed):
+
+```python
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{out}").eval()
+tok = AutoTokenizer.from_pretrained("{out}")
+iv = json.load(open("{out}/item_vocab.json"))
+first, n = iv["first_item_token_id"], iv["num_items"]
+history = [iv["item_id_to_token_id"][str(i)] for i in RAW_ITEM_IDS]   # oldest first
+with torch.no_grad():
+    logits = model(input_ids=torch.tensor([history])).logits[0, -1, first:first + n]
+top = [iv["token_id_to_item_id"][str(first + j)] for j in logits.topk(10).indices.tolist()]
+```
+
+- `item_vocab.json`: token id <-> raw item id (from the dataset's items.parquet).
+- `ecomtrain_export.json`: run, checkpoint, step, strategy and precision it came from.
+- Weights: fp32 consolidated from the checkpoint (DeepSpeed shards merged with zero_to_fp32).
+- Training task: {task}; history length seen in training: {max_history} items.
+"""
+
+
+ADAPTER_README = """
+## Adapter ({method})
+
+{merged} `adapter/` is the peft adapter (safetensors; the item-token rows are in it):
+
+```python
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("{out}")
+model = PeftModel.from_pretrained(base, "{out}/adapter").eval()   # the trained model, on a non-merged export
+```
+"""
+
+
+def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool = False, force: bool = False,
+           overrides: Optional[list[str]] = None) -> Path:
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise RecipeError(f"{run_dir}: not a run directory (no recipe.yaml)")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise RecipeError(f"{out}: exists and is not empty (pass --force to replace it)")
+    lm, vocab, tok, cfg, path, state = load_trained_lm(run_dir, ckpt, overrides)
+
+    # write next to the target and rename when complete (a half-written export is never seen)
+    tmp = out.with_name(".tmp-" + out.name)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    lm = finalize_for_export(lm, merge, adapter_dir=tmp / "adapter", state=state, base_path=str(out.resolve()))
+    lm.config.pad_token_id = vocab.pad_token_id
+    lm.save_pretrained(tmp, safe_serialization=True)
+    (tok if tok is not None else item_tokenizer(vocab.num_items)).save_pretrained(tmp)
+    (tmp / "item_vocab.json").write_text(json.dumps(item_vocab_json(cfg, vocab), indent=1))
+    tc = cfg.trainer
+    meta = {
+        "run_dir": str(run_dir.resolve()), "checkpoint": str(path), "global_step": state.get("global_step"),
+        "epoch": state.get("epoch"), "strategy": tc.strategy.name,
+        "zero_stage": tc.strategy.zero_stage if tc.strategy.name == "deepspeed" else None,
+        "precision": tc.precision, "finetune": cfg.finetune.method, "merged": bool(merge),
+        "adapter": "adapter" if (tmp / "adapter").is_dir() else None,
+    }
+    (tmp / "ecomtrain_export.json").write_text(json.dumps(meta, indent=2))
+    readme = README.format(name=run_dir.name, out=out, task=cfg.task.name, max_history=cfg.data.max_history)
+    if (tmp / "adapter").is_dir():
+        readme += ADAPTER_README.format(out=out, method=cfg.finetune.method, merged=(
+            "These weights have the adapter merged in: the snippet above is the trained model."
+            if merge else "These weights are the base model (adapter removed): load the adapter on top of them."))
+    (tmp / "README.md").write_text(readme)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

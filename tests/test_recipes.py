@@ -1,0 +1,65 @@
+"""Every file in recipes/ validates, opens with purpose / hardware / launch comments, and is listed in recipes/README.md.
+
+    OMP_NUM_THREADS=1 pytest tests/test_recipes.py
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from ecomtrain.config import load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+FILES = sorted(p for p in RECIPES.rglob("*.yaml"))
+NAMED = re.compile(r"^(full|lora|dora|adalora|qlora)_(single|ddp|zero[123])$")
+
+
+def test_recipes_exist():
+    assert FILES and (RECIPES / "quickstart.yaml") in FILES
+
+
+@pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(RECIPES)) for p in FILES])
+def test_recipe_validates_and_documents_itself(path: Path):
+    cfg = load_recipe(path)  # schema: unknown keys, wrong types -> RecipeError
+    text = path.read_text()
+    head = text.split("\n")
+    comments = []
+    for line in head:
+        if not line.startswith("#"):
+            break
+        comments.append(line)
+    joined = "\n".join(comments)
+    assert len(comments) >= 3, f"{path}: must open with a comment (purpose, hardware, launch command)"
+    assert re.search(r"^# Hardware:", joined, re.M), f"{path}: no '# Hardware:' line"
+    launch = re.search(r"^# Launch:\s+(.+)$", joined, re.M)
+    rel = str(path.relative_to(RECIPES.parent))
+    assert launch and rel in launch.group(1), f"{path}: '# Launch:' must name {rel}"
+    if path.parent == RECIPES:
+        return
+    # recipes/<dataset-or-model>/<method>_<parallelism>.yaml must say what its name says
+    m = NAMED.match(path.stem)
+    assert m, f"{path}: name must be <method>_<parallelism>.yaml"
+    method, par = m.groups()
+    assert cfg.finetune.method == method
+    st = cfg.trainer.strategy
+    if par == "single":
+        assert st.name in ("auto", "single") and cfg.trainer.devices in (1, "auto")
+        assert "torchrun" not in launch.group(1)
+    elif par == "ddp":
+        assert st.name == "ddp"
+    else:
+        assert st.name == "deepspeed" and st.zero_stage == int(par[-1])
+    if par != "single":
+        assert "--nproc_per_node" in launch.group(1)
+    if method == "adalora":
+        a = cfg.finetune.adalora
+        assert a.target_r < a.init_r and not cfg.trainer.early_stopping.enabled
+
+
+def test_readme_lists_every_recipe():
+    readme = (RECIPES / "README.md").read_text()
+    for path in FILES:
+        assert str(path.relative_to(RECIPES)) in readme, f"recipes/README.md does not list {path.relative_to(RECIPES)}"
