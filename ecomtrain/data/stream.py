@@ -87,6 +87,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.skip = 0  # batches to skip at the start of the next epoch (resume)
         self.corrupt_shards: list[str] = []  # names skipped as unreadable (this process)
+        self.applied_skip = 0  # the skip the last in-process epoch started with
         for sh in self.shards:
             if not (self.root / sh["name"]).is_file():
                 raise DataError(f"{self.root}: shard '{sh['name']}' listed in manifest.json is missing")
@@ -189,11 +190,13 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict]:
-        # read worker id and resume skip now, not when the generator first runs:
-        # the loader clears ``skip`` right after creating the iterator
+        # A generator: ``skip`` is read at the first batch, not at iter(). Under
+        # DeepSpeed, Lightning restores the datamodule (which sets ``skip``) after
+        # the train iterator exists; in workers the copy made at iter() is read.
         wid, nw = self._worker()
         skip, self.skip = self.skip, 0  # a resume skip applies to one epoch only
-        return self._iterate(wid, nw, skip)
+        self.applied_skip = skip
+        yield from self._iterate(wid, nw, skip)
 
     def _iterate(self, wid: int, nw: int, skip_total: int) -> Iterator[dict]:
         if self.mode == "train":
@@ -262,12 +265,17 @@ class EpochLoader(DataLoader):
         self.dataset.set_epoch(self._epoch)
         self._next_epoch += 1
         self._consumed = self.dataset.skip
-        it = super().__iter__()  # the stream (or each worker's copy) reads its skip here
-        self.dataset.skip = 0  # ... and it applies to this epoch only
-        return self._count(it)
+        it = super().__iter__()  # workers copy the dataset, skip included, here
+        base = None
+        if self.num_workers > 0:
+            base, self.dataset.skip = self.dataset.skip, 0  # the copies skip; this one must not next epoch
+        return self._count(it, base)
 
-    def _count(self, it):
+    def _count(self, it, base):
+        first = True
         for batch in it:
+            if first:  # in-process the stream read (and cleared) skip at this first batch
+                self._consumed, first = (base if base is not None else self.dataset.applied_skip), False
             self._consumed += 1
             yield batch
 
