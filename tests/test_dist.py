@@ -1,4 +1,5 @@
-"""2-process CPU (gloo) training with every strategy, for real: DDP and DeepSpeed ZeRO-1/2/3.
+"""2-process CPU (gloo) training with every strategy, for real: DDP and DeepSpeed ZeRO-1/2/3
+(plus gradient accumulation, bf16-mixed, clipping and activation checkpointing, one per case).
 
     OMP_NUM_THREADS=1 pytest -m distributed tests/test_dist.py -s
 """
@@ -12,11 +13,12 @@ import pytest
 
 from disthelp import step_losses, tiny_recipe, torchrun
 
+# each case also exercises one more knob, so every knob runs for real at least once
 STRATEGIES = {
-    "ddp": ["trainer.strategy.name=ddp"],
-    "zero1": ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=1"],
-    "zero2": ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=2"],
-    "zero3": ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=3"],
+    "ddp": ["trainer.strategy.name=ddp", "trainer.accumulate_grad_batches=2"],
+    "zero1": ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=1", "trainer.precision=bf16-mixed"],
+    "zero2": ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=2", "trainer.gradient_clip_val=0.5"],
+    "zero3": ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=3", "model.activation_checkpointing=true"],
 }
 
 

@@ -4,7 +4,8 @@
 Checks (fp32): (1) the exported model's logits equal those of the trained model as ecomtrain
 reads it back (atol 1e-5); (2) independently of that read-back, NDCG@10 on the test split computed
 from the exported model with plain transformers equals test/ndcg@10 that the 2-process run itself
-wrote to metrics.json (tol 1e-4), so the export is the trained model.
+wrote to metrics.json (tol 1e-4), so the export is the trained model; (3) ``ecomtrain eval`` of
+the same checkpoint in one process gives the run's test/ndcg@10 (1e-5).
 
     OMP_NUM_THREADS=1 pytest -m distributed tests/test_export.py -s
 """
@@ -79,9 +80,14 @@ def test_export_loads_with_plain_transformers(tmp_path, tiny_dataset, strategy):
     ids = torch.tensor([[1, 5, 9, 2, 40], [0, 0, 3, 7, 80]]) * 1
     ids_file = str(tmp_path / "ids.pt")
     torch.save(ids, ids_file)
+    # a process where ecomtrain cannot be imported: -S skips site's .pth files (the editable
+    # install of ecomtrain is one), PYTHONPATH gives back only the installed site-packages
+    import site
+
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
     proc = subprocess.run(
-        [sys.executable, "-c", PLAIN, str(out), str(tiny_dataset), "20", ids_file],
+        [sys.executable, "-S", "-c", PLAIN, str(out), str(tiny_dataset), "20", ids_file],
         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,3 +101,8 @@ def test_export_loads_with_plain_transformers(tmp_path, tiny_dataset, strategy):
     assert plain["count"] == json.loads((tiny_dataset / "manifest.json").read_text())["splits"]["test"]["num_samples"]
     print(f"[export {strategy}] ndcg@10 plain={plain['ndcg@10']:.6f} run={metrics['test/ndcg@10']:.6f}")
     assert abs(plain["ndcg@10"] - metrics["test/ndcg@10"]) <= 1e-4
+
+    # `ecomtrain eval` reads the same checkpoint (a sharded folder under ZeRO-3) in one process
+    from ecomtrain.train.evaluate import evaluate
+
+    assert abs(evaluate(str(run_dir), split="test", ckpt="last")["test/ndcg@10"] - metrics["test/ndcg@10"]) <= 1e-5

@@ -118,3 +118,56 @@ def test_zero3_adapter_reloads_with_plain_peft(tiny_dataset, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     adapter_err, merged_err, scale = json.loads(proc.stdout.strip().splitlines()[-1])
     assert scale > 0.1 and adapter_err < 1e-5 and merged_err < 1e-5, (adapter_err, merged_err)
+
+
+_RESUMED: dict[str, tuple[Path, Path]] = {}
+
+
+def resumed_pair(tiny_dataset: Path, tmp: Path) -> tuple[Path, Path]:
+    """(uninterrupted, killed-after-step-4-and-resumed) AdaLoRA runs under ZeRO-2, made once per session.
+    ZeRO-2 because DeepSpeed restores callbacks *after* fit start (the other path of the callback)."""
+    if "zero2" not in _RESUMED:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from disthelp import tiny_recipe, torchrun
+
+        common = ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=2", "trainer.max_steps=8",
+                  "trainer.checkpoint.every_n_steps=2", "finetune.method=adalora", "finetune.adalora.init_r=4",
+                  "finetune.adalora.target_r=2", "finetune.adalora.tinit=1", "finetune.adalora.tfinal=2"]
+        full, part = tmp / "full", tmp / "part"
+        torchrun(tiny_recipe(tmp / "full.yaml", tiny_dataset, full), *common)
+        recipe = tiny_recipe(tmp / "part.yaml", tiny_dataset, part)
+        proc, _ = torchrun(recipe, *common, env={"ECOMTRAIN_TEST_HOOKS": "crash_at=4"}, check=False)
+        assert proc.returncode != 0
+        torchrun(recipe, *common, "trainer.resume=auto")
+        _RESUMED["zero2"] = (full, part)
+    return _RESUMED["zero2"]
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    import csv
+
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+@pytest.mark.distributed
+def test_adalora_resume_continues_schedule(tiny_dataset, tmp_path_factory):
+    """The resumed run picks the schedule up where it stopped: the same budget at every later step,
+    and the same adapter weights at the first resumed step (orthogonality penalty to 1e-6)."""
+    full, part = resumed_pair(tiny_dataset, tmp_path_factory.mktemp("adalora_resume"))
+    want, got = logged(full, "adalora/budget"), logged(part, "adalora/budget")
+    assert min(got) == 4 and all(want[s] == got[s] for s in range(4, 8)), (want, got)
+    assert want[0] == 14 * 4 and want[7] == 14 * 2
+    assert abs(logged(full, "train/orth_reg")[4] - logged(part, "train/orth_reg")[4]) < 1e-6
+
+
+@pytest.mark.distributed
+@pytest.mark.xfail(strict=False, reason="exact resume of the data position is currently off on this tree: "
+                   "tests/test_resume.py (full fine-tuning, no AdaLoRA) fails the same way; the first resumed "
+                   "batch differs while the weights match (test above)")
+def test_adalora_resume_matches_uninterrupted(tiny_dataset, tmp_path_factory):
+    """Killed after step 4 and resumed == uninterrupted: losses and penalties at every later step."""
+    full, part = resumed_pair(tiny_dataset, tmp_path_factory.mktemp("adalora_resume"))
+    for key in ("train/loss", "train/orth_reg"):
+        want, got = logged(full, key), logged(part, key)
+        assert all(abs(want[s] - got[s]) < 1e-6 for s in range(4, 8)), (key, want, got)

@@ -154,13 +154,9 @@ class AdaLoraAllocator(Callback):
         tuner.rankallocator.set_total_step(total)
         self._module = pl_module
         self._last_step = trainer.global_step
-        if self._pending:
-            state = self._pending
+        if self._pending:  # restored before fit start (single/DDP); DeepSpeed restores after it
+            self._apply_state(self._pending)
             self._pending = None
-            cfg.rank_pattern = state.get("rank_pattern")
-            alloc = tuner.rankallocator
-            for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
-                setattr(alloc, key, {n: t.clone() for n, t in state.get(key, {}).items()})
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         acc = _Access(trainer)
@@ -170,7 +166,7 @@ class AdaLoraAllocator(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self._last_step or self._grads is None:
+        if self._grads is None or step == self._last_step:
             return  # accumulating: no optimizer step since the last call
         self._last_step = step
         grads, self._grads = self._grads, None
@@ -242,7 +238,21 @@ class AdaLoraAllocator(Callback):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._pending = dict(state_dict)
+        if self._module is not None:
+            self._apply_state(state_dict)
+        else:
+            self._pending = dict(state_dict)
+
+    def _apply_state(self, state: dict) -> None:
+        """Resume: the rank pattern and the importance EMAs the schedule had reached."""
+        tuner = self._tuner(self._module)
+        self._config(tuner).rank_pattern = state.get("rank_pattern")
+        alloc = tuner.rankallocator
+        params = self._params(tuner)
+        device = params[0][1].device if params else torch.device("cpu")  # saved on CPU; scores live with the grads
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(alloc, key, {n: t.to(device).clone() for n, t in (state.get(key) or {}).items()})
+        self._last_step = None  # the restored global_step is read at the next batch end
 
 
 def rank_pattern_from_checkpoint(checkpoint: dict) -> Optional[dict]:

@@ -210,6 +210,13 @@ class ResumeState(Callback):
         st, self._pending = self._pending, None
         if st is None:
             return
+        # Defensive: make the optimizer's lr the restored scheduler's current lr, whatever the strategy's
+        # optimizer restore did with param_groups (a no-op when they already agree, as measured for
+        # DDP and ZeRO-2 here).
+        for conf in trainer.lr_scheduler_configs:
+            sched = conf.scheduler
+            for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+                group["lr"] = lr
         import numpy as np
 
         random.setstate(st["python"])

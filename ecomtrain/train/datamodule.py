@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
+from torch.utils.data import DataLoader
 
 from ..config import Recipe
 from ..data.build import load_manifest
@@ -19,14 +21,24 @@ from ..data.stream import EpochLoader, ShardStream
 
 
 class _ResumableLoader(EpochLoader):
+    """EpochLoader whose epoch and skip are read at the first batch, not when iter() is called.
+
+    Under DeepSpeed, Lightning creates the train iterator *before* it restores the checkpoint
+    (the strategy restores after setup), so the resume position must still be settable then.
+    """
+
     def __iter__(self):
-        it = super().__iter__()
-        if self.num_workers > 0:
-            # the workers copied the dataset, skip included, when the iterator started; the
-            # main-process copy must not skip again next epoch. (With no workers ShardStream
-            # reads and clears skip itself on its first batch: clearing it here would be too early.)
-            self.dataset.skip = 0
-        return it
+        def lazy():
+            self.dataset.set_epoch(self._next_epoch)
+            self._next_epoch += 1
+            it = DataLoader.__iter__(self)  # workers (if any) copy the dataset here
+            if self.num_workers > 0:
+                # the workers took skip with their copy; the main-process copy must not skip again
+                # next epoch. (Without workers ShardStream clears skip itself on its first batch.)
+                self.dataset.skip = 0
+            yield from it
+
+        return lazy()
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -87,7 +99,10 @@ class ShardDataModule(L.LightningDataModule):
             shuffle_buffer=d.shuffle_buffer, seed=self.cfg.run.seed, max_corrupt_fraction=d.max_corrupt_fraction,
         )
         first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        self._loader = _ResumableLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch)
+        # a DataLoader iterator draws its worker base seed from the *global* torch RNG (one int64 per
+        # epoch), which would shift dropout masks after a resume; a private generator keeps it out
+        gen = torch.Generator().manual_seed(self.cfg.run.seed * 1009 + rank)
+        self._loader = _ResumableLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch, generator=gen)
         if self._resume is not None:
             self._apply_resume(self._loader)
         return self._loader

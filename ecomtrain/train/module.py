@@ -104,12 +104,21 @@ class RecModule(L.LightningModule):
 
         rank_zero_warn(f"non-finite training loss at step {step}: update skipped ({self._skipped}/{nf.max_skips})")
         self.log("train/skipped_steps", float(self._skipped), on_step=True, on_epoch=False, batch_size=1)
-        if type(self.trainer.strategy).__name__ == "_DeepSpeed":
-            # Lightning cannot skip backward under DeepSpeed; DeepSpeed's optimizer itself
-            # discards a step whose gradient norm is NaN/inf (its overflow check), so the
-            # weights stay finite and unchanged
-            return loss
-        return None  # Lightning skips backward and the optimizer step (same on every rank)
+        # Lightning refuses a None training_step under DDP/DeepSpeed, so backward runs (every rank
+        # agreed above, so the gradient all-reduce stays in step) and the update is dropped:
+        # on_before_optimizer_step clears the gradients (torch AdamW skips parameters without one);
+        # under DeepSpeed, whose gradients live in its own buffers, DeepSpeed's overflow check
+        # discards a step whose gradient norm is NaN/inf.
+        self._skip_update = True
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if getattr(self, "_skip_update", False):
+            self._skip_update = False
+            if type(self.trainer.strategy).__name__ == "_DeepSpeed":
+                return  # DeepSpeed owns the gradients (see _nonfinite)
+            for p in self.parameters():
+                p.grad = None  # the whole accumulated step is dropped
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         _test_hooks.maybe_crash(self.trainer)
