@@ -81,7 +81,8 @@ def main() -> int:
     t = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     build_s = time.time() - t
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak_kb, cpu_s = ru.ru_maxrss, ru.ru_utime + ru.ru_stime
     if proc.returncode != 0:
         print(proc.stdout + proc.stderr, file=sys.stderr)
         return proc.returncode
@@ -97,6 +98,8 @@ def main() -> int:
         "build_seconds": round(build_s, 1),
         "events_per_s": round(a.events / build_s),
         "peak_rss_gb": round(peak_kb / 1024**2, 2),
+        "build_cpu_seconds": round(cpu_s, 1),
+        "events_per_cpu_s": round(a.events / max(cpu_s, 1e-9)),
         "num_users": m["num_users"],
         "num_items": m["num_items"],
         "num_events_after_cleaning": m["num_events"],

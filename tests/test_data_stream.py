@@ -83,15 +83,15 @@ def test_mid_epoch_resume_and_determinism(tmp_path, workers):
     b = loader()
     it = iter(b)
     head = [next(it)["ids"].tolist() for _ in range(7)]
-    state = b.state_dict()
+    state = b.position()
     assert state == {"epoch": 0, "batches": 7, "seed": 3} and head == full0[:7]
     c = loader()
-    c.load_state_dict(state)
+    c.seek(state)
     assert ids(c) == full0[7:]  # the rest of epoch 0
-    assert c.state_dict()["batches"] == len(full0)
+    assert c.position()["batches"] == len(full0)
     assert ids(c) == full1  # then epoch 1 as usual
     d = loader()
-    d.load_state_dict({"epoch": 0, "batches": len(full0), "seed": 3})  # saved at the end of epoch 0
+    d.seek({"epoch": 0, "batches": len(full0), "seed": 3})  # saved at the end of epoch 0
     assert ids(d) == full1
 
 

@@ -8,7 +8,7 @@ Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
   batches per epoch: a reader that runs out of its shards starts them again
   (reshuffled), so uneven shards can never make one rank wait for another
   (which would hang a DDP all-reduce). Order is a pure function of
-  (seed, epoch, rank, worker); ``EpochLoader.state_dict`` / ``load_state_dict``
+  (seed, epoch, rank, worker); ``EpochLoader.position`` / ``seek``
   ({epoch, batches, seed}) resume inside an epoch in the same order.
 - **eval** (``mode="eval"``): every sample is seen exactly once across ranks
   (sample ``i`` goes to rank ``i % world``); ranks with fewer samples get
@@ -87,6 +87,7 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.skip = 0  # batches to skip at the start of the next epoch (resume)
         self.corrupt_shards: list[str] = []  # names skipped as unreadable (this process)
+        self.applied_skip = 0  # the skip the last in-process epoch started with
         for sh in self.shards:
             if not (self.root / sh["name"]).is_file():
                 raise DataError(f"{self.root}: shard '{sh['name']}' listed in manifest.json is missing")
@@ -189,11 +190,13 @@ class ShardStream(IterableDataset):
         yield from buf
 
     def __iter__(self) -> Iterator[dict]:
-        # read worker id and resume skip now, not when the generator first runs:
-        # the loader clears ``skip`` right after creating the iterator
+        # A generator: ``skip`` is read at the first batch, not at iter(). Under
+        # DeepSpeed, Lightning restores the datamodule (which sets ``skip``) after
+        # the train iterator exists; in workers the copy made at iter() is read.
         wid, nw = self._worker()
         skip, self.skip = self.skip, 0  # a resume skip applies to one epoch only
-        return self._iterate(wid, nw, skip)
+        self.applied_skip = skip
+        yield from self._iterate(wid, nw, skip)
 
     def _iterate(self, wid: int, nw: int, skip_total: int) -> Iterator[dict]:
         if self.mode == "train":
@@ -238,13 +241,17 @@ class ShardStream(IterableDataset):
 
 class EpochLoader(DataLoader):
     """A DataLoader that tells its ShardStream which epoch starts at each iter(),
-    and keeps the position inside the epoch for mid-epoch resume.
+    and knows its position inside the epoch for mid-epoch resume.
 
     Lightning only calls ``set_epoch`` on samplers; an IterableDataset copied
-    into workers would otherwise replay epoch 0 forever. ``state_dict`` /
-    ``load_state_dict`` follow the stateful-dataloader protocol Lightning
-    saves into checkpoints: {epoch, batches consumed in it, seed}; after
-    ``load_state_dict`` the next iter() resumes that epoch after those batches.
+    into workers would otherwise replay epoch 0 forever. ``position()`` =
+    {epoch, batches handed out in it, seed}; ``seek(position)`` makes the next
+    iter() continue that epoch after those batches, in the uninterrupted order
+    (any number of workers). Setting ``dataset.skip`` and ``_next_epoch``
+    directly (as train/datamodule.py does from its checkpoint state) works too.
+    These are deliberately not named state_dict/load_state_dict: Lightning
+    would then also save and restore the loader itself, a second resume path
+    next to the datamodule's.
     """
 
     def __init__(self, dataset: ShardStream, num_workers: int = 0, first_epoch: int = 0, **kw):
@@ -252,37 +259,37 @@ class EpochLoader(DataLoader):
         self._next_epoch = first_epoch
         self._epoch = first_epoch
         self._consumed = 0
-        self._resume: Optional[tuple[int, int]] = None
 
     def __iter__(self):
-        if self._resume is not None:
-            self._next_epoch, skip = self._resume
-            self._resume = None
-        else:
-            skip = 0
         self._epoch = self._next_epoch
         self.dataset.set_epoch(self._epoch)
-        self.dataset.skip = skip
         self._next_epoch += 1
-        self._consumed = skip
-        it = super().__iter__()  # workers copy the dataset (and its skip) here
-        self.dataset.skip = 0
-        return self._count(it)
+        self._consumed = self.dataset.skip
+        it = super().__iter__()  # workers copy the dataset, skip included, here
+        base = None
+        if self.num_workers > 0:
+            base, self.dataset.skip = self.dataset.skip, 0  # the copies skip; this one must not next epoch
+        return self._count(it, base)
 
-    def _count(self, it):
+    def _count(self, it, base):
+        first = True
         for batch in it:
+            if first:  # in-process the stream read (and cleared) skip at this first batch
+                self._consumed, first = (base if base is not None else self.dataset.applied_skip), False
             self._consumed += 1
             yield batch
 
-    def state_dict(self) -> dict:
+    def position(self) -> dict:
         return {"epoch": self._epoch, "batches": self._consumed, "seed": self.dataset.seed}
 
-    def load_state_dict(self, state: dict) -> None:
-        if int(state.get("seed", self.dataset.seed)) != self.dataset.seed:
-            raise DataError(f"resume: data order seed {state['seed']} differs from run.seed {self.dataset.seed}")
-        epoch, done = int(state["epoch"]), int(state["batches"])
-        # a checkpoint taken after the last batch of an epoch resumes at the next one
-        self._resume = (epoch + 1, 0) if done >= len(self.dataset) else (epoch, done)
+    def seek(self, position: dict) -> None:
+        if int(position.get("seed", self.dataset.seed)) != self.dataset.seed:
+            raise DataError(f"resume: data order seed {position['seed']} differs from run.seed {self.dataset.seed}")
+        epoch, done = int(position["epoch"]), int(position["batches"])
+        # a position taken after the last batch of an epoch resumes at the next one
+        if done >= len(self.dataset):
+            epoch, done = epoch + 1, 0
+        self._next_epoch, self.dataset.skip = epoch, done
 
     def __len__(self) -> int:
         return len(self.dataset)
