@@ -66,3 +66,19 @@ def test_help_for_every_verb(tmp_path):
     for verb in (["--help"], ["data", "synth", "--help"], ["data", "build", "--help"], ["data", "inspect", "--help"], ["train", "--help"], ["eval", "--help"]):
         r = _cli(*verb, cwd=tmp_path)
         assert r.returncode == 0 and "usage:" in r.stdout
+
+
+def test_same_seed_same_metrics(tmp_path, tiny_dataset):
+    """Determinism: two runs with one seed on one machine give identical metrics (tolerance 0)."""
+    from conftest import tiny_recipe
+
+    from ecomtrain.config import validate_tree
+    from ecomtrain.train.runner import train
+
+    out = []
+    for i in range(2):
+        cfg = validate_tree(tiny_recipe(tiny_dataset, tmp_path / f"run{i}", model__hidden_dropout=0.2, model__attention_dropout=0.1))
+        run_dir = train(cfg, log=lambda *_: None)
+        m = json.loads((run_dir / "metrics.json").read_text())
+        out.append({k: v for k, v in m.items() if k.startswith(("test/", "val/", "baseline/"))})
+    assert out[0] == out[1]
