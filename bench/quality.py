@@ -29,7 +29,7 @@ def main() -> int:
     ap.add_argument("--source", default="seq")
     ap.add_argument("--work", help="folder for the built data and the run (default: a temp folder)")
     ap.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()  # overrides may follow the options
 
     from ecomtrain.config import load_recipe
     from ecomtrain.train.runner import train
