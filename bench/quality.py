@@ -15,6 +15,7 @@ only (best checkpoint on val/ndcg@10, early stopping on val).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -45,7 +46,8 @@ def main() -> int:
         *a.overrides,
     ]
     cfg = load_recipe(a.recipe, overrides)
-    run_dir = train(cfg, log=lambda *x: print(*x, file=sys.stderr))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON result
+        run_dir = train(cfg, log=lambda *x: print(*x, file=sys.stderr))
     m = json.loads((run_dir / "metrics.json").read_text())
     manifest = json.loads((work / "data" / "manifest.json").read_text())
     primary_excl = bool(m["eval/exclude_seen"])
