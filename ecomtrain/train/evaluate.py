@@ -17,12 +17,10 @@ def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
 
 def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: Optional[list[str]] = None) -> dict:
     import lightning as L
-    import polars as pl
 
-    from ..config import redact
     from ..data.build import load_manifest
     from .datamodule import ShardDataModule
-    from .module import RecModule, make_task
+    from .module import make_task, module_for_dataset
     from .checkpointing import consolidate_deepspeed, is_deepspeed_checkpoint
     from .strategies import resolve_accelerator
 
@@ -32,8 +30,7 @@ def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: O
     cfg = load_recipe(rd / "recipe.yaml", overrides or [])
     manifest = load_manifest(cfg.data.path)
     n = int(manifest["num_items"])
-    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"]).sort("idx")
-    module = RecModule(redact(cfg.model_dump(mode="json")), n, items["train_count"].to_list())
+    module = module_for_dataset(cfg, manifest)
     dm = ShardDataModule(cfg, make_task(cfg, n), manifest)
     trainer = L.Trainer(
         accelerator=resolve_accelerator(cfg.trainer), devices=1, logger=False, enable_progress_bar=False,

@@ -39,6 +39,19 @@ def lr_lambda(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def module_for_dataset(cfg: Recipe, manifest: dict) -> "RecModule":
+    """The RecModule for a built dataset: its catalog size and train-split popularity."""
+    from pathlib import Path
+
+    import polars as pl
+
+    from ..config import redact
+
+    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"])
+    counts = items.sort("idx")["train_count"].to_list()
+    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts)
+
+
 class RecModule(L.LightningModule):
     def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None):
         super().__init__()

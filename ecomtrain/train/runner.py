@@ -164,10 +164,9 @@ def eval_checkpoint(trainer, run_dir: Path, which: str) -> Optional[str]:
 
 def train(cfg: Recipe, log=print) -> Path:
     import lightning as L
-    import polars as pl
 
     from .datamodule import ShardDataModule
-    from .module import RecModule, make_task
+    from .module import make_task, module_for_dataset
     from .strategies import build_strategy, resolve_accelerator
 
     from . import preemption
@@ -184,8 +183,7 @@ def train(cfg: Recipe, log=print) -> Path:
 
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     num_items = int(manifest["num_items"])
-    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"]).sort("idx")
-    module = RecModule(redact(recipe_tree), num_items, items["train_count"].to_list())
+    module = module_for_dataset(cfg, manifest)
     dm = ShardDataModule(cfg, make_task(cfg, num_items), manifest)
 
     tc = cfg.trainer
