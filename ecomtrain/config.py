@@ -280,6 +280,9 @@ class TrainerConfig(_Section):
     limit_train_batches: Optional[Union[int, float]] = None
     limit_val_batches: Optional[Union[int, float]] = None
     progress_bar: bool = True
+    peak_tflops: Optional[float] = Field(
+        None, gt=0, description="Dense bf16 peak TFLOP/s of one device for the MFU figure (default: known from the CUDA device name; CPU: no MFU)."
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)

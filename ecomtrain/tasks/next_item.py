@@ -44,6 +44,12 @@ class NextItemTask:
             labels.append(seq[1:])
         return {"items": _pad(inputs), "labels": _pad(labels)}
 
+    @staticmethod
+    def batch_tokens(batch: dict) -> tuple[int, int]:
+        """(real input tokens, padded slots) of a training batch, for throughput figures."""
+        items = batch["items"]
+        return int((items > 0).sum()), int(items.numel())
+
     def collate_eval(self, samples: list[dict]) -> dict:
         hist = [s["items"][-self.max_history:] for s in samples]
         return {

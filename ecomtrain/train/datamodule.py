@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -25,7 +26,11 @@ class _ResumableLoader(EpochLoader):
 
     Under DeepSpeed, Lightning creates the train iterator *before* it restores the checkpoint
     (the strategy restores after setup), so the resume position must still be settable then.
+    ``wait_seconds`` accumulates the time the training loop spent waiting in ``next()``
+    (read by train/throughput.py for the data-wait fraction).
     """
+
+    wait_seconds = 0.0
 
     def __iter__(self):
         def lazy():
@@ -36,7 +41,14 @@ class _ResumableLoader(EpochLoader):
                 # the workers took skip with their copy; the main-process copy must not skip again
                 # next epoch. (Without workers ShardStream clears skip itself on its first batch.)
                 self.dataset.skip = 0
-            yield from it
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                self.wait_seconds += time.perf_counter() - t0
+                yield batch
 
         return lazy()
 

@@ -120,6 +120,9 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
         cbs.append(LearningRateMonitor(logging_interval="step"))
     if tc.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, tc.log_every_n_steps // 2)))
+    from .throughput import ThroughputMonitor
+
+    cbs.append(ThroughputMonitor(peak_tflops=tc.peak_tflops, log_every_n_steps=tc.log_every_n_steps))
     return cbs
 
 
@@ -225,6 +228,9 @@ def train(cfg: Recipe, log=print) -> Path:
     if eval_ckpt and Path(eval_ckpt).name.startswith(".eval-") and trainer.is_global_zero:
         Path(eval_ckpt).unlink(missing_ok=True)  # the consolidated ZeRO-3 copy was only for this
     metrics = {k: float(v) for k, v in sorted(metrics.items()) if "/" in k}
+    monitor = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ThroughputMonitor"), None)
+    if monitor is not None:
+        metrics.update(monitor.summary(module))  # samples/s, tokens/s, data wait (rank 0's view)
     metrics.update(
         {
             "eval/exclude_seen": bool(cfg.eval.exclude_seen),
@@ -242,6 +248,12 @@ def train(cfg: Recipe, log=print) -> Path:
                 lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                 lg.experiment.finish()  # flush now, so the RUN_DIR line below is the last one printed
         keys = [k for k in ("test/hr@10", "test/ndcg@10", "baseline/popularity/test/ndcg@10") if k in metrics]
+        if "perf/samples_per_s" in metrics:
+            log(
+                f"throughput (rank 0): {metrics['perf/samples_per_s']:.1f} samples/s, "
+                f"{metrics.get('perf/tokens_per_s', 0.0):.0f} real tokens/s, data wait {100 * metrics['perf/data_wait_fraction']:.1f}% of step time"
+                + (f", MFU {100 * metrics['perf/mfu']:.1f}%" if "perf/mfu" in metrics else "")
+            )
         log("  ".join(f"{k}={metrics[k]:.4f}" for k in keys) + f"  (seen items {'excluded' if cfg.eval.exclude_seen else 'included'})")
         log(f"run dir: {run_dir}")
     return run_dir
