@@ -108,12 +108,15 @@ class ItemLM(nn.Module):
             return (nn.functional.dropout(out[0], self.hidden_dropout, True), *out[1:])
         return nn.functional.dropout(out, self.hidden_dropout, True)
 
-    def hidden(self, items: torch.Tensor) -> torch.Tensor:
+    def hidden(self, items: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last hidden states [B,T,H]. With ``position_ids`` (packed rows, see tasks/next_item.pack_rows)
+        no 2-D mask is passed: transformers then derives a block-diagonal causal mask from the
+        restarting positions, so segments never attend to each other."""
         core = causal_core(self.lm)
         ids = self.vocab.to_tokens(items)
-        mask = (items > 0).long()
+        mask = (items > 0).long() if position_ids is None else None
         emb = self.embed_dropout(core.get_input_embeddings()(ids))
-        out = core.model(inputs_embeds=emb, attention_mask=mask, use_cache=False)
+        out = core.model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
     def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ vocabulary and returns ``[..., N]`` item logits (column j = item j+1).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -24,13 +26,74 @@ def _pad(rows: list[list[int]], value: int = 0) -> torch.Tensor:
     return out
 
 
+def _first_fit(lengths: list[int], order: list[int], width: int, rows: int) -> Optional[list[list[int]]]:
+    """First-fit decreasing of segments into ``rows`` rows of ``width`` slots (None if they do not fit)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = lengths[i]
+        for j, f in enumerate(free):
+            if n <= f:
+                bins[j].append(i)
+                free[j] -= n
+                break
+        else:
+            if len(bins) == rows:
+                return None
+            bins.append([i])
+            free.append(width - n)
+    return bins
+
+
+def pack_rows(inputs: list[list[int]], labels: list[list[int]], max_width: int) -> dict:
+    """Pack variable-length (input, label) segments into few rows (``data.packing``).
+
+    Each row holds several users' segments back to back; ``position_ids`` restart at 0 for
+    every segment, which makes transformers build a block-diagonal causal mask (its
+    packed-sequence detection, used when no 2-D attention mask is given), so no token attends
+    across segments and rotary positions equal the unpacked ones. Rows are as few and as
+    narrow as first-fit-decreasing allows: for R = ceil(total / max_width), R + 1, ... the
+    narrowest width >= the longest segment that fits all segments in R rows is used, so the
+    token efficiency (real tokens / slots) is typically > 95 %. Padding after the last
+    segment of a row gets its own restarted positions (a separate segment, never attended
+    by real tokens under the causal mask) and label 0 (no loss).
+    """
+    lengths = [len(x) for x in inputs]
+    total, longest = sum(lengths), max(1, max(lengths))
+    order = sorted(range(len(inputs)), key=lambda i: (-lengths[i], i))
+    rows = max(1, -(-total // max(max_width, longest)))
+    bins = None
+    while bins is None:
+        for width in range(max(longest, -(-total // rows)), max(max_width, longest) + 1):
+            bins = _first_fit(lengths, order, width, rows)
+            if bins is not None:
+                break
+        else:
+            rows += 1
+    width = max(sum(lengths[i] for i in b) for b in bins)
+    items = torch.zeros((len(bins), width), dtype=torch.long)
+    labs = torch.zeros((len(bins), width), dtype=torch.long)
+    pos = torch.zeros((len(bins), width), dtype=torch.long)
+    for r, b in enumerate(sorted(bins, key=min)):
+        c = 0
+        for i in sorted(b):
+            n = lengths[i]
+            items[r, c : c + n] = torch.tensor(inputs[i], dtype=torch.long)
+            labs[r, c : c + n] = torch.tensor(labels[i], dtype=torch.long)
+            pos[r, c : c + n] = torch.arange(n)
+            c += n
+        pos[r, c:] = torch.arange(width - c)
+    return {"items": items, "labels": labs, "position_ids": pos}
+
+
 class NextItemTask:
     name = "next_item"
 
-    def __init__(self, num_items: int, max_history: int, label_smoothing: float = 0.0):
+    def __init__(self, num_items: int, max_history: int, label_smoothing: float = 0.0, packing: bool = False):
         self.num_items = num_items
         self.max_history = max_history
         self.label_smoothing = label_smoothing
+        self.packing = packing
         # a harmless row for padding eval batches (its weight is 0)
         self.pad_sample = {"items": [1], "target": 1}
 
@@ -42,6 +105,8 @@ class NextItemTask:
             seq = s["items"][-(L + 1):]
             inputs.append(seq[:-1])
             labels.append(seq[1:])
+        if self.packing:
+            return pack_rows(inputs, labels, self.max_history)
         return {"items": _pad(inputs), "labels": _pad(labels)}
 
     @staticmethod
@@ -67,7 +132,7 @@ class NextItemTask:
         """
         labels = batch["labels"]
         mask = labels > 0
-        logits = net.item_logits(net.hidden(batch["items"])[mask])
+        logits = net.item_logits(net.hidden(batch["items"], position_ids=batch.get("position_ids"))[mask])
         return F.cross_entropy(logits.float(), labels[mask] - 1, label_smoothing=self.label_smoothing)
 
     def scores(self, net, batch: dict) -> torch.Tensor:

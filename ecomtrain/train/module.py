@@ -24,7 +24,7 @@ from . import _test_hooks
 
 def make_task(cfg: Recipe, num_items: int) -> NextItemTask:
     if cfg.task.name == "next_item":
-        return NextItemTask(num_items, cfg.data.max_history, cfg.task.label_smoothing)
+        return NextItemTask(num_items, cfg.data.max_history, cfg.task.label_smoothing, packing=cfg.data.packing)
     raise ValueError(f"task.name: unknown task '{cfg.task.name}'")
 
 
