@@ -110,10 +110,13 @@ class NextItemTask:
         return {"items": _pad(inputs), "labels": _pad(labels)}
 
     @staticmethod
-    def batch_tokens(batch: dict) -> tuple[int, int]:
-        """(real input tokens, padded slots) of a training batch, for throughput figures."""
+    def batch_tokens(batch: dict) -> tuple[int, int, int]:
+        """(samples, real input tokens, slots) of a training batch, for throughput figures."""
         items = batch["items"]
-        return int((items > 0).sum()), int(items.numel())
+        real = items > 0
+        pos = batch.get("position_ids")
+        samples = int(((pos == 0) & real).sum()) if pos is not None else len(items)
+        return samples, int(real.sum()), int(items.numel())
 
     def collate_eval(self, samples: list[dict]) -> dict:
         hist = [s["items"][-self.max_history:] for s in samples]

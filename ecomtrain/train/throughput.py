@@ -9,7 +9,7 @@ optimizer steps and summarised into ``metrics.json`` by the runner.
   ``train/datamodule.py`` accumulates it in ``wait_seconds``); the fraction is
   wait / step time over the same window;
 - tokens: real (non-padding) input tokens as counted by the task
-  (``task.batch_tokens(batch) -> (real, slots)``), so padding never inflates tokens/s;
+  (``task.batch_tokens(batch) -> (samples, real, slots)``; packed rows hold several samples), so padding never inflates tokens/s;
 - MFU (CUDA only): (6 x trainable-or-not parameters x tokens + 12 x layers x hidden x
   seq x tokens) / elapsed / peak, against the device's dense bf16 peak from the table below
   or ``trainer.peak_tflops``. On CPU it is not reported (there is no meaningful peak).
@@ -68,12 +68,11 @@ class ThroughputMonitor(Callback):
     def _batch_counts(pl_module, batch: Any) -> tuple[int, int, int]:
         task = getattr(pl_module, "task", None)
         counter = getattr(task, "batch_tokens", None)
+        if counter is not None:
+            n, real, slots = counter(batch)
+            return int(n), int(real), int(slots)
         first = next(iter(batch.values())) if isinstance(batch, dict) and batch else None
-        n = int(first.shape[0]) if hasattr(first, "shape") and first.ndim else 0
-        if counter is None:
-            return n, 0, 0
-        real, slots = counter(batch)
-        return n, int(real), int(slots)
+        return (int(first.shape[0]) if hasattr(first, "shape") and first.ndim else 0), 0, 0
 
     def _flops_per_token(self, pl_module) -> Optional[float]:
         if self._n_params is None:
