@@ -95,7 +95,10 @@ class DataConfig(_Section):
         "positions restart per segment): same loss, far fewer padded slots on skewed lengths (docs/perf.md)."
     )
     eval_batch_size: int = Field(256, gt=0)
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="Loader worker processes for training (0 = read in the training process).")
+    prefetch_batches: int = Field(
+        2, ge=0, description="num_workers=0: batches read and collated ahead in a background thread while the model trains (0 = off)."
+    )
     shuffle_buffer: int = Field(2000, ge=0, description="Sample shuffle buffer (0 = no shuffle).")
     max_corrupt_fraction: float = Field(0.0, ge=0, le=1, description="Fraction of shards that may be unreadable (skipped and counted) before the run fails.")
 

@@ -59,7 +59,8 @@ def test_data_wait_counts_time_spent_in_the_loader(tiny_dataset, tmp_path, monke
         return orig_summary(self, pl_module)
 
     monkeypatch.setattr(ThroughputMonitor, "summary", keep)
-    run_dir = _train(tiny_dataset, tmp_path, trainer__max_epochs=1)
+    # prefetch off: the sleeps then lie on the training loop's path, all of them
+    run_dir = _train(tiny_dataset, tmp_path, trainer__max_epochs=1, data__prefetch_batches=0)
     m = json.loads((run_dir / "metrics.json").read_text())
     tot = seen["total"]
     assert tot["batches"] >= 2
@@ -75,3 +76,27 @@ def test_peak_table():
     assert device_peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert device_peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
     assert device_peak_tflops("Some CPU") is None
+
+
+def test_prefetch_keeps_order_and_propagates_errors():
+    from ecomtrain.data.importers import DataError
+    from ecomtrain.train.datamodule import _prefetched
+
+    assert list(_prefetched(iter(range(100)), 2)) == list(range(100))
+
+    def broken():
+        yield 1
+        raise DataError("shard x.tar: unreadable")
+
+    got = []
+    with pytest.raises(DataError, match="x.tar"):
+        for v in _prefetched(broken(), 2):
+            got.append(v)
+    assert got == [1]
+    # closing early stops the producer thread
+    import threading
+
+    g = _prefetched(iter(range(10**9)), 2)
+    assert next(g) == 0
+    g.close()
+    assert not any(t.name == "ecomtrain-prefetch" and t.is_alive() for t in threading.enumerate())

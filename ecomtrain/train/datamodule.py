@@ -9,6 +9,8 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ class _ResumableLoader(EpochLoader):
     """
 
     wait_seconds = 0.0
+    prefetch = 0
 
     def __iter__(self):
         def lazy():
@@ -41,6 +44,8 @@ class _ResumableLoader(EpochLoader):
                 # the workers took skip with their copy; the main-process copy must not skip again
                 # next epoch. (Without workers ShardStream clears skip itself on its first batch.)
                 self.dataset.skip = 0
+            if self.num_workers == 0 and self.prefetch > 0:
+                it = _prefetched(it, self.prefetch)
             while True:
                 t0 = time.perf_counter()
                 try:
@@ -51,6 +56,60 @@ class _ResumableLoader(EpochLoader):
                 yield batch
 
         return lazy()
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def _prefetched(it, depth: int):
+    """Read and collate the next ``depth`` batches in a background thread (``data.prefetch_batches``).
+
+    Without loader workers, decoding JSON and collating happen between optimizer steps and the
+    training loop waits for them. torch releases the GIL inside its kernels, so a thread can
+    prepare batch n+1 while batch n trains, at no extra process or core. The order is
+    unchanged (one producer, FIFO), so resume and determinism are unaffected; an error in the
+    reader is re-raised in the training loop; closing the generator (end of epoch, max_steps,
+    an exception) stops the thread.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in it:
+                if not put(batch):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(_Failed(exc))
+
+    worker = threading.Thread(target=produce, name="ecomtrain-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=10)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -115,6 +174,7 @@ class ShardDataModule(L.LightningDataModule):
         # epoch), which would shift dropout masks after a resume; a private generator keeps it out
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 1009 + rank)
         self._loader = _ResumableLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch, generator=gen)
+        self._loader.prefetch = d.prefetch_batches
         if self._resume is not None:
             self._apply_resume(self._loader)
         return self._loader
