@@ -36,6 +36,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; medians are reported")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--data", help="an already built dataset folder (else a synth one is built)")
     a = ap.parse_args()
@@ -68,7 +69,7 @@ def main() -> None:
     cfg = validate_tree(tree)
     total = a.steps + a.warmup
 
-    # ---- plain PyTorch loop on pre-collated batches
+    # ---- the batches, pre-collated once for the plain loop
     L.seed_everything(0, verbose=False)
     module = RecModule(tree, n_items)
     module.configure_model()
@@ -81,34 +82,38 @@ def main() -> None:
             if len(batches) == total:
                 break
     tokens = [int((b["labels"] > 0).sum()) for b in batches]
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    timed_tokens = sum(tokens[a.warmup:])
     amp = a.precision != "32"
     dtype = torch.bfloat16 if a.precision.startswith("bf16") else torch.float16
-    scaler = torch.amp.GradScaler(a.device, enabled=a.precision == "16-mixed")
-    net.train()
 
     def sync():
         if a.device == "cuda":
             torch.cuda.synchronize()
 
-    for i, b in enumerate(batches):
-        if i == a.warmup:
-            sync()
-            t0 = time.perf_counter()
-        with torch.autocast(a.device, dtype=dtype, enabled=amp):
-            loss = module.task.loss(net, b)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-    sync()
-    plain_s = time.perf_counter() - t0
-    timed_tokens = sum(tokens[a.warmup:])
-    n_params = sum(p.numel() for p in net.parameters())
+    def plain_run() -> float:
+        """The same model in a hand-written loop over pre-collated in-memory batches (no data loading)."""
+        L.seed_everything(0, verbose=False)
+        module = RecModule(tree, n_items)
+        module.configure_model()
+        net = module.net.to(a.device)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        scaler = torch.amp.GradScaler(a.device, enabled=a.precision == "16-mixed")
+        net.train()
+        for i, b in enumerate(batches):
+            if i == a.warmup:
+                sync()
+                t0 = time.perf_counter()
+            with torch.autocast(a.device, dtype=dtype, enabled=amp):
+                loss = module.task.loss(net, b)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - t0
 
-    # ---- ecomtrain: Lightning Trainer over the shards
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == a.warmup:
@@ -119,16 +124,31 @@ def main() -> None:
             sync()
             self.t1 = time.perf_counter()
 
-    L.seed_everything(0, verbose=False)
-    timer = Timer()
-    module2 = RecModule(tree, n_items)
-    trainer = L.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=1, precision=a.precision, max_steps=total, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
-        limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0,
-    )
-    trainer.fit(module2, datamodule=ShardDataModule(cfg, module2.task, manifest))
-    eco_s = timer.t1 - timer.t0
+    def eco_run() -> float:
+        """ecomtrain: Lightning Trainer streaming the shards through its DataModule, with the
+        callbacks a real run has (throughput monitor, LR monitor via a logger-free trainer)."""
+        from ecomtrain.train.throughput import ThroughputMonitor
+
+        L.seed_everything(0, verbose=False)
+        timer = Timer()
+        module2 = RecModule(tree, n_items)
+        trainer = L.Trainer(
+            accelerator=cfg.trainer.accelerator, devices=1, precision=a.precision, max_steps=total, logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[timer, ThroughputMonitor(log_every_n_steps=10)],
+            limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0,
+        )
+        trainer.fit(module2, datamodule=ShardDataModule(cfg, module2.task, manifest))
+        return timer.t1 - timer.t0
+
+    plain_times, eco_times = [], []
+    for _ in range(a.repeats):  # alternate, so load changes hit both sides alike
+        plain_times.append(plain_run())
+        eco_times.append(eco_run())
+    import statistics
+
+    plain_s, eco_s = statistics.median(plain_times), statistics.median(eco_times)
+    n_params = sum(p.numel() for p in net.parameters())
 
     steps = a.steps
     out = {
@@ -140,6 +160,10 @@ def main() -> None:
         "plain_pytorch": {"seconds": round(plain_s, 3), "samples_per_s": round(steps * a.batch / plain_s, 1), "tokens_per_s": round(timed_tokens / plain_s, 1)},
         "ecomtrain": {"seconds": round(eco_s, 3), "samples_per_s": round(steps * a.batch / eco_s, 1), "tokens_per_s": round(timed_tokens / eco_s, 1)},
         "ecomtrain_overhead_pct": round(100 * (eco_s / plain_s - 1), 1),
+        "repeats": a.repeats,
+        "plain_seconds_each": [round(t, 3) for t in plain_times],
+        "ecomtrain_seconds_each": [round(t, 3) for t in eco_times],
+        "load_avg_1m": round(__import__("os").getloadavg()[0], 2),
     }
     if a.device == "cuda":
         # 6*N per token for matmuls (fwd+bwd) + attention 12*L*H*T per token
