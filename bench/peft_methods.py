@@ -48,7 +48,7 @@ def one(args) -> dict:
     from ecomtrain.model.adapters import trainable_parameter_count
     from ecomtrain.train.adalora import AdaLoraAllocator
     from ecomtrain.train.datamodule import ShardDataModule
-    from ecomtrain.train.module import RecModule, make_task
+    from ecomtrain.train.module import RecModule
 
     cuda = torch.cuda.is_available()
     ft = {"method": args.one}
@@ -91,7 +91,7 @@ def one(args) -> dict:
         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
     )
-    trainer.fit(module, datamodule=ShardDataModule(cfg, make_task(cfg, n), manifest))
+    trainer.fit(module, datamodule=ShardDataModule(cfg, module.task, manifest))
     trainable, total = trainable_parameter_count(module.net)
     times = timer.times[args.warmup:] or timer.times
     out = {

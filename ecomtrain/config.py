@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -117,17 +117,81 @@ class BackboneConfig(_Section):
     tie_embeddings: bool = True
 
 
+class ModelInputsConfig(_Section):
+    """Per-step side inputs added to the item embeddings (ID mode; see model/side_inputs.py).
+
+    Off by default so that existing recipes keep their figures and checkpoints; the task
+    recipes under recipes/quickstart/ turn them on (docs/tasks.md measures what each adds).
+    """
+
+    event_types: bool = Field(False, description="Learned embedding of each history step's event type (view, click, cart, purchase, ...).")
+    channels: bool = Field(False, description="Learned embedding of each history step's channel (app, web, mini_program, ...).")
+    time_gaps: bool = Field(False, description="Learned embedding of the log-bucketed time since the previous step (12 buckets, seconds).")
+
+
 class ModelConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    inputs: ModelInputsConfig = Field(default_factory=ModelInputsConfig)
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on input embeddings (item-token dropout regularises tiny data).")
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on each attention and MLP output (the residual branches); HF Qwen2/Llama have none of their own.")
     activation_checkpointing: bool = False
 
 
-class TaskConfig(_Section):
+class _TaskBase(_Section):
+    weight: float = Field(1.0, gt=0, description="Weight of this task's loss in a multi-task recipe (sum of weight x loss).")
+
+
+class NextItemTaskConfig(_TaskBase):
+    """Next item over the whole catalog (full-softmax cross-entropy at every position)."""
+
     name: Literal["next_item"] = "next_item"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+class PurchaseIntentTaskConfig(_TaskBase):
+    """Will the user buy this candidate? Labels from the logs (tasks/purchase_intent.py)."""
+
+    name: Literal["purchase_intent"] = "purchase_intent"
+    positive_events: list[str] = Field(default_factory=lambda: ["purchase"], min_length=1, description="Event types that make a candidate a positive.")
+    negative_events: list[str] = Field(
+        default_factory=lambda: ["view", "click", "fav", "cart"],
+        description="Event types of interacted-but-not-bought candidates (negatives unless bought in the same window).",
+    )
+    sampled_negatives: int = Field(1, ge=0, description="Non-interacted items sampled (seeded) per interacted candidate (train) and per eval target.")
+    negative_sampling: Literal["uniform", "popularity"] = Field("uniform", description="How non-interacted negatives are drawn from the catalog.")
+    head: Literal["auto", "binary", "yes_no"] = Field(
+        "auto", description="binary: a learned logit head; yes_no (TALLRec): logit(answer_tokens[0]) - logit(answer_tokens[1]) of the LM head, "
+        "needs a tokenizer (pretrained backbone); auto: yes_no with a tokenizer, else binary.",
+    )
+    answer_tokens: tuple[str, str] = Field(("Yes", "No"), description="yes_no head: the positive and negative answer; each must be one token.")
+    ece_bins: int = Field(15, gt=1, description="Equal-width probability bins of the expected calibration error.")
+
+
+class RatingTaskConfig(_TaskBase):
+    """Explicit rating of the next rated item (samples' 'ratings' field; tasks/rating.py)."""
+
+    name: Literal["rating"] = "rating"
+    min_rating: float = Field(1.0, description="Lowest rating of the scale (predictions are clipped to the scale).")
+    max_rating: float = Field(5.0, description="Highest rating of the scale.")
+
+    @model_validator(mode="after")
+    def _scale(self) -> "RatingTaskConfig":
+        if self.max_rating <= self.min_rating:
+            raise ValueError(f"max_rating ({self.max_rating}) must exceed min_rating ({self.min_rating})")
+        return self
+
+
+class CandidateRankingTaskConfig(_TaskBase):
+    """LLaRA-style choice among K candidates: the target plus K-1 sampled negatives (tasks/candidate_ranking.py)."""
+
+    name: Literal["candidate_ranking"] = "candidate_ranking"
+    num_candidates: int = Field(20, ge=2, description="K: candidates per query (the target + K-1 negatives); at most the catalog size.")
+    negative_sampling: Literal["uniform", "popularity"] = Field("uniform", description="How the K-1 negatives are drawn (seeded, never the target).")
+
+
+TASK_CONFIGS = (NextItemTaskConfig, PurchaseIntentTaskConfig, RatingTaskConfig, CandidateRankingTaskConfig)
+TaskConfig = Annotated[Union[TASK_CONFIGS], Field(discriminator="name")]
 
 
 class LoraConfig(_Section):
@@ -255,9 +319,9 @@ class NonFiniteConfig(_Section):
 
 class EarlyStoppingConfig(_Section):
     enabled: bool = False
-    monitor: str = "val/ndcg@10"
+    monitor: Optional[str] = Field(None, description="Validation metric to watch; default: the primary task's monitor (next_item: val/ndcg@10).")
     patience: int = Field(3, gt=0)
-    mode: Literal["max", "min"] = "max"
+    mode: Optional[Literal["max", "min"]] = Field(None, description="Default: the direction the task's monitor proposes.")
 
 
 class PreemptionConfig(_Section):
@@ -325,7 +389,10 @@ class LoggingConfig(_Section):
 class Recipe(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: list[TaskConfig] = Field(
+        default_factory=lambda: [NextItemTaskConfig()],
+        description="One task (a mapping) or several sharing the backbone (a list); the first is the primary one.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -333,11 +400,47 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_list(cls, v: Any) -> Any:
+        # `task: {name: next_item}` (one task) and `task: [{...}, {...}]` (multi-task) are both valid
+        if v is None:
+            return [{"name": "next_item"}]
+        if isinstance(v, dict):
+            v = [v]
+        if isinstance(v, list):
+            v = [({"name": "next_item", **e} if isinstance(e, dict) and "name" not in e else e) for e in v]
+        return v
+
+    @field_validator("task")
+    @classmethod
+    def _task_unique(cls, v: list) -> list:
+        if not v:
+            raise ValueError("needs at least one task")
+        seen = [t.name for t in v]
+        dup = sorted({n for n in seen if seen.count(n) > 1})
+        if dup:
+            raise ValueError(f"task '{dup[0]}' appears more than once")
+        return v
+
+    @property
+    def primary_task(self):
+        return self.task[0]
+
 
 # ------------------------------------------------------------------ loading API
+def _task_models() -> dict[str, type[BaseModel]]:
+    return {get_args(c.model_fields["name"].annotation)[0]: c for c in TASK_CONFIGS}
+
+
 def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     """The pydantic model class whose fields live at ``loc`` (for suggestions)."""
     model: Any = Recipe
+    loc = tuple(p for p in loc if not isinstance(p, int))  # list indices
+    if loc[:1] == ("task",):  # task entries are a union tagged by name: loc is (task, i, <name>, ...)
+        if len(loc) < 2 or loc[1] not in _task_models():
+            return None
+        model, loc = _task_models()[loc[1]], loc[2:]
     for part in loc:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
@@ -351,10 +454,27 @@ def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
     return model
 
 
+def _path(loc: tuple) -> str:
+    out = ""
+    for i, p in enumerate(loc):
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif loc[:1] == ("task",) and i == 2 and p in _task_models():
+            continue  # the union tag (the task's name) is not a key the user wrote
+        else:
+            out += ("." if out else "") + str(p)
+    return out
+
+
 def _describe(err: dict) -> str:
     loc = tuple(err["loc"])
-    path = ".".join(str(p) for p in loc)
+    path = _path(loc)
     kind = err["type"]
+    if kind == "union_tag_invalid":
+        tag = str(err.get("ctx", {}).get("tag", err.get("input")))
+        known = sorted(_task_models())
+        guess = difflib.get_close_matches(tag, known, n=1, cutoff=0.5)
+        return f"{path}.name: unknown task '{tag}'" + (f"; did you mean '{guess[0]}'?" if guess else f"; known tasks: {', '.join(known)}")
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])
         names = list(parent.model_fields) if parent else []

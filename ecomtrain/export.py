@@ -189,7 +189,7 @@ def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool
         "adapter": "adapter" if (tmp / "adapter").is_dir() else None,
     }
     (tmp / "ecomtrain_export.json").write_text(json.dumps(meta, indent=2))
-    readme = README.format(name=run_dir.name, out=out, task=cfg.task.name, max_history=cfg.data.max_history)
+    readme = README.format(name=run_dir.name, out=out, task=", ".join(t.name for t in cfg.task), max_history=cfg.data.max_history)
     if (tmp / "adapter").is_dir():
         readme += ADAPTER_README.format(out=out, method=cfg.finetune.method, merged=(
             "These weights have the adapter merged in: the snippet above is the trained model."

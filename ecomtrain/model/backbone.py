@@ -87,9 +87,11 @@ def causal_core(lm: nn.Module) -> nn.Module:
 class ItemLM(nn.Module):
     """Item indices in, item logits out."""
 
-    def __init__(self, lm: nn.Module, vocab: ItemVocab, dropout: float = 0.0, tokenizer=None, hidden_dropout: float = 0.0):
+    def __init__(self, lm: nn.Module, vocab: ItemVocab, dropout: float = 0.0, tokenizer=None, hidden_dropout: float = 0.0,
+                 side: Optional[nn.Module] = None):
         super().__init__()
         self.lm = lm
+        self.side = side  # model/side_inputs.SideInputs (event type, channel, time gap) or None
         self.vocab = vocab
         self.tokenizer = tokenizer
         self.embed_dropout = nn.Dropout(dropout)
@@ -108,14 +110,23 @@ class ItemLM(nn.Module):
             return (nn.functional.dropout(out[0], self.hidden_dropout, True), *out[1:])
         return nn.functional.dropout(out, self.hidden_dropout, True)
 
-    def hidden(self, items: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
+        """Input embeddings of item indices (0 = padding)."""
+        return causal_core(self.lm).get_input_embeddings()(self.vocab.to_tokens(items))
+
+    def hidden(self, items: torch.Tensor, position_ids: Optional[torch.Tensor] = None, side: Optional[dict] = None) -> torch.Tensor:
         """Last hidden states [B,T,H]. With ``position_ids`` (packed rows, see tasks/next_item.pack_rows)
         no 2-D mask is passed: transformers then derives a block-diagonal causal mask from the
-        restarting positions, so segments never attend to each other."""
+        restarting positions, so segments never attend to each other. ``side``: per-position
+        index tensors (events / channels / gaps, see model/side_inputs.py) added to the embeddings."""
         core = causal_core(self.lm)
-        ids = self.vocab.to_tokens(items)
         mask = (items > 0).long() if position_ids is None else None
-        emb = self.embed_dropout(core.get_input_embeddings()(ids))
+        emb = self.item_embeddings(items)
+        if self.side is not None and side:
+            extra = self.side(side)
+            if extra is not None:
+                emb = emb + extra.to(emb.dtype)
+        emb = self.embed_dropout(emb)
         out = core.model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
@@ -123,9 +134,9 @@ class ItemLM(nn.Module):
         logits = causal_core(self.lm).lm_head(hidden)
         return logits[..., self.vocab.offset : self.vocab.offset + self.vocab.num_items]
 
-    def forward(self, items: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, positions: Optional[torch.Tensor] = None, side: Optional[dict] = None) -> torch.Tensor:
         """Item logits at every position ([B,T,N]) or at ``positions`` ([B,N])."""
-        h = self.hidden(items)
+        h = self.hidden(items, side=side)
         if positions is not None:
             h = h[torch.arange(len(h), device=h.device), positions]
         return self.item_logits(h)

@@ -11,10 +11,16 @@ vocabulary and returns ``[..., N]`` item logits (column j = item j+1).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ..metrics import RankingMetrics
+from ..model.side_inputs import side_lists
+from . import register_task
+from .base import Task, TaskContext
 
 
 def _pad(rows: list[list[int]], value: int = 0) -> torch.Tensor:
@@ -42,7 +48,7 @@ def _first_fit(lengths: list[int], order: list[int], width: int, rows: int) -> O
     return bins
 
 
-def pack_rows(inputs: list[list[int]], labels: list[list[int]], max_width: int) -> dict:
+def pack_rows(inputs: list[list[int]], labels: list[list[int]], max_width: int, extras: Optional[dict] = None) -> dict:
     """Pack variable-length (input, label) segments into few rows (``data.packing``).
 
     Each row holds several users' segments back to back; ``position_ids`` restart at 0 for
@@ -53,8 +59,10 @@ def pack_rows(inputs: list[list[int]], labels: list[list[int]], max_width: int) 
     narrowest width >= the longest segment that fits all segments in R rows is used, so the
     token efficiency (real tokens / slots) is typically > 95 %. Padding after the last
     segment of a row gets its own restarted positions (a separate segment, never attended
-    by real tokens under the causal mask) and label 0 (no loss).
+    by real tokens under the causal mask) and label 0 (no loss). ``extras``: per-position lists
+    aligned with ``inputs`` (side inputs), packed the same way into ``out['side']``.
     """
+    extras = extras or {}
     lengths = [len(x) for x in inputs]
     total, longest = sum(lengths), max(1, max(lengths))
     order = sorted(range(len(inputs)), key=lambda i: (-lengths[i], i))
@@ -69,75 +77,103 @@ def pack_rows(inputs: list[list[int]], labels: list[list[int]], max_width: int) 
             rows += 1
     width = max(sum(lengths[i] for i in b) for b in bins)
     rows_i, rows_l, rows_p = [], [], []
+    rows_x: dict[str, list] = {k: [] for k in extras}
     for b in sorted(bins, key=min):
         ri, rl, rp = [], [], []
+        rx: dict[str, list] = {k: [] for k in extras}
         for i in sorted(b):
             ri += inputs[i]
             rl += labels[i]
             rp += range(lengths[i])
+            for k in extras:
+                rx[k] += extras[k][i]
         pad = width - len(ri)
         rows_i.append(ri + [0] * pad)
         rows_l.append(rl + [0] * pad)
         rows_p.append(rp + list(range(pad)))
+        for k in extras:
+            rows_x[k].append(rx[k] + [0] * pad)
     items, labs, pos = (torch.tensor(x, dtype=torch.long) for x in (rows_i, rows_l, rows_p))
-    return {"items": items, "labels": labs, "position_ids": pos}
+    out = {"items": items, "labels": labs, "position_ids": pos}
+    if extras:
+        out["side"] = {k: torch.tensor(v, dtype=torch.long) for k, v in rows_x.items()}
+    return out
 
 
-class NextItemTask:
-    name = "next_item"
+def _side(samples: list[dict], bounds: list[tuple[int, int]], flags: dict) -> Optional[dict]:
+    """Padded side-input tensors aligned with the item rows (None when every input is off)."""
+    rows = [side_lists(s, lo, hi, flags) for s, (lo, hi) in zip(samples, bounds)]
+    if not rows or not rows[0]:
+        return None
+    return {k: _pad([r[k] for r in rows]) for k in rows[0]}
 
-    def __init__(self, num_items: int, max_history: int, label_smoothing: float = 0.0, packing: bool = False):
-        self.num_items = num_items
-        self.max_history = max_history
-        self.label_smoothing = label_smoothing
-        self.packing = packing
+
+@register_task("next_item")
+class NextItemTask(Task):
+    """Full-catalog next-item ranking; metrics.json keys are the contract's (test/ndcg@10, ...)."""
+
+    def __init__(self, cfg=None, ctx: Optional[TaskContext] = None, *, num_items: Optional[int] = None, max_history: Optional[int] = None,
+                 label_smoothing: Optional[float] = None, packing: Optional[bool] = None):
+        if isinstance(cfg, int):  # NextItemTask(num_items, max_history=...)
+            num_items, cfg = cfg, None
+        if ctx is None:  # direct construction (tests, benches): NextItemTask(num_items=..., max_history=...)
+            ctx = TaskContext(num_items=num_items, max_history=max_history, manifest={}, item_counts=[0] * num_items)
+        super().__init__(cfg, ctx)
+        self.label_smoothing = label_smoothing if label_smoothing is not None else float(getattr(cfg, "label_smoothing", 0.0))
+        self.packing = packing if packing is not None else ctx.packing
+        self.flags = dict(ctx.inputs)
         # a harmless row for padding eval batches (its weight is 0)
         self.pad_sample = {"items": [1], "target": 1}
 
     # -- tensors
     def collate_train(self, samples: list[dict]) -> dict:
         L = self.max_history
-        inputs, labels = [], []
+        inputs, labels, bounds = [], [], []
         for s in samples:
-            seq = s["items"][-(L + 1):]
+            lo = max(0, len(s["items"]) - (L + 1))
+            seq = s["items"][lo:]
             inputs.append(seq[:-1])
             labels.append(seq[1:])
+            bounds.append((lo, len(s["items"]) - 1))
+        side = _side(samples, bounds, self.flags)
         if self.packing:
-            return pack_rows(inputs, labels, self.max_history)
-        return {"items": _pad(inputs), "labels": _pad(labels)}
-
-    @staticmethod
-    def batch_tokens(batch: dict) -> tuple[int, int, int]:
-        """(samples, real input tokens, slots) of a training batch, for throughput figures."""
-        items = batch["items"]
-        real = items > 0
-        pos = batch.get("position_ids")
-        samples = int(((pos == 0) & real).sum()) if pos is not None else len(items)
-        return samples, int(real.sum()), int(items.numel())
+            extras = {k: [v[: len(x)] for v, x in zip(t.tolist(), inputs)] for k, t in side.items()} if side else None
+            return pack_rows(inputs, labels, self.max_history, extras)
+        out = {"items": _pad(inputs), "labels": _pad(labels)}
+        if side:
+            out["side"] = side
+        return out
 
     def collate_eval(self, samples: list[dict]) -> dict:
+        n = [len(s["items"]) for s in samples]
         hist = [s["items"][-self.max_history:] for s in samples]
-        return {
+        out = {
             "items": _pad(hist),
             "lengths": torch.tensor([max(1, len(h)) for h in hist]),
             "target": torch.tensor([s["target"] for s in samples], dtype=torch.long),
             "seen": _pad([s["items"] for s in samples]),
         }
+        side = _side(samples, [(max(0, k - self.max_history), k) for k in n], self.flags)
+        if side:
+            out["side"] = side
+        return out
 
     # -- loss and scores (``net`` is a model.backbone.ItemLM)
-    def loss(self, net, batch: dict) -> torch.Tensor:
+    def loss(self, net, head=None, batch: Optional[dict] = None) -> torch.Tensor:
         """Full-softmax cross-entropy over the catalog at every real position.
 
         The vocab-sized head runs only on non-padding positions.
         """
+        if batch is None:  # loss(net, batch): the pre-registry call form
+            head, batch = None, head
         labels = batch["labels"]
         mask = labels > 0
-        logits = net.item_logits(net.hidden(batch["items"], position_ids=batch.get("position_ids"))[mask])
+        logits = net.item_logits(net.hidden(batch["items"], position_ids=batch.get("position_ids"), side=batch.get("side"))[mask])
         return F.cross_entropy(logits.float(), labels[mask] - 1, label_smoothing=self.label_smoothing)
 
     def scores(self, net, batch: dict) -> torch.Tensor:
         """Item scores [B, N] at each user's last history position."""
-        return net(batch["items"], positions=batch["lengths"] - 1).float()
+        return net(batch["items"], positions=batch["lengths"] - 1, side=batch.get("side")).float()
 
     @staticmethod
     def mask_seen(scores: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
@@ -147,3 +183,53 @@ class NextItemTask:
         keep = seen > 0
         scores[rows[keep], seen[keep] - 1] = float("-inf")
         return scores
+
+    # -- metrics
+    def evaluator(self, stage: str) -> nn.Module:
+        return NextItemEvaluator(self, stage)
+
+    @classmethod
+    def val_metrics(cls, ks: Sequence[int]) -> list[str]:
+        return [f"val/{m}@{k}" for k in ks for m in ("hr", "ndcg")] + ["val/mrr", "val/auc"]
+
+    @classmethod
+    def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
+        """NDCG@10 (the field's headline cut-off) when 10 is among eval.ks, else NDCG at the largest K."""
+        return f"val/ndcg@{10 if 10 in ks else max(ks)}", "max"
+
+
+class NextItemEvaluator(nn.Module):
+    """Primary protocol, the other seen-items protocol, and the popularity baseline."""
+
+    def __init__(self, task: NextItemTask, stage: str):
+        super().__init__()
+        self.task, self.stage = task, stage
+        self.excl = task.ctx.exclude_seen
+        ks = task.ctx.ks
+        self.main, self.alt, self.pop = RankingMetrics(ks), RankingMetrics(ks), RankingMetrics(ks)
+        self.register_buffer("popularity", torch.tensor(task.ctx.item_counts, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def update(self, net, head, batch: dict) -> None:
+        scores = self.task.scores(net, batch)
+        target, weight = batch["target"] - 1, batch.get("weight")
+        excl = NextItemTask.mask_seen(scores, batch["seen"])
+        main, alt = (excl, scores) if self.excl else (scores, excl)
+        self.main.update(main, target, weight)
+        self.alt.update(alt, target, weight)
+        pop = self.popularity.unsqueeze(0).expand(len(target), -1)
+        if self.excl:
+            pop = NextItemTask.mask_seen(pop, batch["seen"])
+        self.pop.update(pop, target, weight)
+
+    def compute(self) -> dict:
+        stage = self.stage
+        alt_name = "incl_seen" if self.excl else "excl_seen"
+        out = {}
+        for m, prefix in ((self.main, f"{stage}/"), (self.alt, f"{stage}/{alt_name}/"), (self.pop, f"baseline/popularity/{stage}/")):
+            out.update({prefix + k: v for k, v in m.compute().items()})
+        return out
+
+    def reset(self) -> None:
+        for m in (self.main, self.alt, self.pop):
+            m.reset()

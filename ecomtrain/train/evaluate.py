@@ -20,7 +20,7 @@ def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: O
 
     from ..data.build import load_manifest
     from .datamodule import ShardDataModule
-    from .module import make_task, module_for_dataset
+    from .module import module_for_dataset
     from .checkpointing import consolidate_deepspeed, is_deepspeed_checkpoint
     from .strategies import resolve_accelerator
 
@@ -29,9 +29,8 @@ def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: O
         raise RecipeError(f"{rd}: not a run directory (no recipe.yaml)")
     cfg = load_recipe(rd / "recipe.yaml", overrides or [])
     manifest = load_manifest(cfg.data.path)
-    n = int(manifest["num_items"])
     module = module_for_dataset(cfg, manifest)
-    dm = ShardDataModule(cfg, make_task(cfg, n), manifest)
+    dm = ShardDataModule(cfg, module.task, manifest)
     trainer = L.Trainer(
         accelerator=resolve_accelerator(cfg.trainer), devices=1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, precision=cfg.trainer.precision,

@@ -15,17 +15,20 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from ..metrics import RankingMetrics
 from ..model.adapters import adapter_regularization, apply_finetune_method, check_method_supported
 from ..model.backbone import ItemLM, build_causal_lm
-from ..tasks.next_item import NextItemTask
+from ..tasks.base import Task, build_tasks, sub_batch, subtasks
 from . import _test_hooks
 
+#: manifest fields a module needs to rebuild its tasks from a checkpoint (saved in hparams)
+_META = ("num_items", "event_types", "channels", "sample_fields", "source", "stats")
 
-def make_task(cfg: Recipe, num_items: int) -> NextItemTask:
-    if cfg.task.name == "next_item":
-        return NextItemTask(num_items, cfg.data.max_history, cfg.task.label_smoothing, packing=cfg.data.packing)
-    raise ValueError(f"task.name: unknown task '{cfg.task.name}'")
+
+def make_task(cfg: Recipe, manifest, item_counts: Optional[list[int]] = None) -> Task:
+    """The recipe's task(s) for a dataset (``manifest`` dict, or just the catalog size); see tasks/."""
+    if isinstance(manifest, int):
+        manifest = {"num_items": manifest}
+    return build_tasks(cfg, manifest, item_counts)
 
 
 def lr_lambda(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
@@ -49,25 +52,31 @@ def module_for_dataset(cfg: Recipe, manifest: dict) -> "RecModule":
 
     items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"])
     counts = items.sort("idx")["train_count"].to_list()
-    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts)
+    meta = {k: manifest[k] for k in _META if k in manifest}
+    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts, data_meta=meta)
 
 
 class RecModule(L.LightningModule):
-    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None):
+    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None, data_meta: Optional[dict] = None):
         super().__init__()
-        # only the (secret-free) recipe and vocabulary size go into checkpoints
-        self.save_hyperparameters({"recipe": recipe, "num_items": num_items})
+        # only the (secret-free) recipe, vocabulary size and the dataset's event/channel vocabularies go into checkpoints
+        hp = {"recipe": recipe, "num_items": num_items}
+        if data_meta:
+            hp["data_meta"] = data_meta
+        self.save_hyperparameters(hp)
         self.cfg = Recipe.model_validate(recipe)
         check_method_supported(self.cfg)  # e.g. qlora without CUDA: fail before any model is built
         self.num_items = num_items
-        self.task = make_task(self.cfg, num_items)
+        self.data_meta = {"num_items": num_items, **(data_meta or {})}
+        self.task = make_task(self.cfg, self.data_meta, item_counts)
         counts = torch.tensor(item_counts if item_counts is not None else [0] * num_items, dtype=torch.float32)
         self.register_buffer("popularity", counts, persistent=False)
         self.net: Optional[ItemLM] = None
+        self.heads = nn.ModuleDict()  # per-task heads, built with the model (configure_model)
         self.primary_excludes_seen = self.cfg.eval.exclude_seen
-        ks = self.cfg.eval.ks
+        # one evaluator (torchmetrics metrics + baselines) per task and stage
         self.metrics = nn.ModuleDict(
-            {f"{stage}_{proto}": RankingMetrics(ks) for stage in ("val", "test") for proto in ("main", "alt", "pop")}
+            {f"{stage}_{t.name}": t.evaluator(stage) for stage in ("val", "test") for t in subtasks(self.task)}
         )
 
     # -- model
@@ -81,18 +90,37 @@ class RecModule(L.LightningModule):
 
         with cpu_safe_peft():  # peft's ZeRO-3 path for item-token rows assumes CUDA
             lm = apply_finetune_method(lm, self.cfg, vocab)
-        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout)
+        side = None
+        flags = self.cfg.model.inputs.model_dump()
+        if any(flags.values()):
+            from ..model.side_inputs import SideInputs
+
+            side = SideInputs(lm.config.hidden_size, len(self.data_meta.get("event_types") or []), len(self.data_meta.get("channels") or []), flags)
+        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout, side=side)
+        for t in subtasks(self.task):
+            head = t.make_head(self.net)
+            if head is not None:
+                self.heads[t.name] = head
 
     # -- steps
+    def _head(self, task: Task):
+        return self.heads[task.name] if task.name in self.heads else None
+
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
-        loss = self.task.loss(self.net, batch)
+        tasks = subtasks(self.task)
+        losses = {t.name: t.loss(self.net, self._head(t), sub_batch(self.task, t, batch)) for t in tasks}
+        loss = losses[tasks[0].name] if len(tasks) == 1 else sum(t.weight * losses[t.name] for t in tasks)
         loss = _test_hooks.maybe_nan(loss, self.trainer)
         if not self._loss_finite_everywhere(loss):
             return self._nonfinite(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
+        bs = self.task.batch_size(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        if len(tasks) > 1:
+            for name, value in losses.items():
+                self.log(f"train/loss/{name}", value.detach(), on_step=True, on_epoch=False, batch_size=bs)
         reg = adapter_regularization(self.net.lm)  # AdaLoRA's orthogonality penalty; None otherwise
         if reg is not None:
-            self.log("train/orth_reg", reg, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
+            self.log("train/orth_reg", reg, on_step=True, on_epoch=False, batch_size=bs)
             loss = loss + reg
         return loss
 
@@ -137,16 +165,8 @@ class RecModule(L.LightningModule):
         _test_hooks.maybe_crash(self.trainer)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        scores = self.task.scores(self.net, batch)
-        target, weight = batch["target"] - 1, batch.get("weight")
-        excl = NextItemTask.mask_seen(scores, batch["seen"])
-        main, alt = (excl, scores) if self.primary_excludes_seen else (scores, excl)
-        self.metrics[f"{stage}_main"].update(main, target, weight)
-        self.metrics[f"{stage}_alt"].update(alt, target, weight)
-        pop = self.popularity.unsqueeze(0).expand(len(target), -1)
-        if self.primary_excludes_seen:
-            pop = NextItemTask.mask_seen(pop, batch["seen"])
-        self.metrics[f"{stage}_pop"].update(pop, target, weight)
+        for t in subtasks(self.task):
+            self.metrics[f"{stage}_{t.name}"].update(self.net, self._head(t), sub_batch(self.task, t, batch))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -154,15 +174,18 @@ class RecModule(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "test")
 
+    def monitor(self) -> tuple[str, str]:
+        """(metric, mode) that selects checkpoints: the primary (first) task's proposal."""
+        return subtasks(self.task)[0].monitor(self.cfg.eval.ks)
+
     def _log_eval(self, stage: str) -> None:
-        alt_name = "incl_seen" if self.primary_excludes_seen else "excl_seen"
         out: dict[str, Any] = {}
-        for proto, prefix in (("main", f"{stage}/"), ("alt", f"{stage}/{alt_name}/"), ("pop", f"baseline/popularity/{stage}/")):
-            m = self.metrics[f"{stage}_{proto}"]
-            out.update({prefix + k: v for k, v in m.compute().items()})
+        for t in subtasks(self.task):
+            m = self.metrics[f"{stage}_{t.name}"]
+            out.update(m.compute())
             m.reset()
         # values are already reduced across ranks by torchmetrics
-        shown = {k: out.pop(k) for k in ("val/ndcg@10",) if k in out}
+        shown = {k: out.pop(k) for k in (self.monitor()[0],) if k in out}
         self.log_dict(out, sync_dist=False)
         self.log_dict(shown, prog_bar=True, sync_dist=False)
 
@@ -176,11 +199,12 @@ class RecModule(L.LightningModule):
     def configure_optimizers(self):
         oc = self.cfg.optim
         decay, no_decay = [], []
-        for name, p in self.net.named_parameters():
+        named = list(self.net.named_parameters()) + [(f"heads.{n}", p) for n, p in self.heads.named_parameters()]
+        for name, p in named:
             if not p.requires_grad:
                 continue
-            # no weight decay on biases, norms (1-d) and embeddings
-            (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+            # no weight decay on biases, norms (1-d) and embeddings (side-input tables included)
+            (no_decay if p.ndim < 2 or "embed" in name or name.startswith("side.") else decay).append(p)
         groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=oc.lr, betas=oc.betas, eps=oc.eps)
         total = int(self.trainer.estimated_stepping_batches)

@@ -87,7 +87,7 @@ def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
     return loggers
 
 
-def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
+def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool, monitor: tuple[str, str] = ("val/ndcg@10", "max")):
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 
     from .checkpointing import AtomicCheckpoint, ResumeState
@@ -98,7 +98,7 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
         ResumeState(),
         AtomicCheckpoint(
             dirpath=ck, filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
-            monitor="val/ndcg@10", mode="max", save_top_k=1, save_last=tc.checkpoint.save_last,
+            monitor=monitor[0], mode=monitor[1], save_top_k=1, save_last=tc.checkpoint.save_last,
         ),
     ]
     if tc.checkpoint.every_n_steps:
@@ -115,7 +115,8 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
         cbs.append(AdaLoraAllocator())  # rank budget schedule, once per optimizer step
     if tc.early_stopping.enabled:
         es = tc.early_stopping
-        cbs.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
+        # default: the metric (and direction) the task proposes
+        cbs.append(EarlyStopping(monitor=es.monitor or monitor[0], patience=es.patience, mode=es.mode or monitor[1]))
     if has_logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     if tc.progress_bar:
@@ -169,7 +170,7 @@ def train(cfg: Recipe, log=print) -> Path:
     import lightning as L
 
     from .datamodule import ShardDataModule
-    from .module import make_task, module_for_dataset
+    from .module import module_for_dataset
     from .strategies import build_strategy, resolve_accelerator
 
     from . import preemption
@@ -187,7 +188,7 @@ def train(cfg: Recipe, log=print) -> Path:
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     num_items = int(manifest["num_items"])
     module = module_for_dataset(cfg, manifest)
-    dm = ShardDataModule(cfg, make_task(cfg, num_items), manifest)
+    dm = ShardDataModule(cfg, module.task, manifest)  # the task(s) checked the dataset when the module was made
 
     tc = cfg.trainer
     accelerator = resolve_accelerator(tc)
@@ -199,7 +200,7 @@ def train(cfg: Recipe, log=print) -> Path:
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
-        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal],
+        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers), module.monitor()), stop_on_signal],
         plugins=preemption.cluster_plugins(),
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, deterministic=False,
@@ -248,6 +249,9 @@ def train(cfg: Recipe, log=print) -> Path:
                 lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                 lg.experiment.finish()  # flush now, so the RUN_DIR line below is the last one printed
         keys = [k for k in ("test/hr@10", "test/ndcg@10", "baseline/popularity/test/ndcg@10") if k in metrics]
+        if not keys:  # another primary task: its monitored metric on test, and every baseline of it
+            name = module.monitor()[0].removeprefix("val/")
+            keys = [k for k in metrics if k == f"test/{name}" or (k.startswith("baseline/") and k.endswith(f"/test/{name}"))]
         if "perf/samples_per_s" in metrics:
             log(
                 f"throughput (rank 0): {metrics['perf/samples_per_s']:.1f} samples/s, "
