@@ -47,6 +47,9 @@ class SynthConfig(_Section):
     days: int = Field(120, gt=0, description="Time span of the log.")
     sessions_per_user: float = Field(6.0, gt=0, description="Mean sessions per user (Poisson).")
     seed: int = 0
+    behaviour_signal: bool = Field(False, description="Plant a behaviour signal: the funnel stage decides the next item; abandoned carts come back and are bought (data/synth.py).")
+    channel_signal: bool = Field(False, description="Plant a channel signal: conversion x1.6 on app, x0.5 on web (data/synth.py).")
+    ratings: bool = Field(False, description="Emit a structured 1..5 'rating' event after every purchase (data/synth.py).")
 
 
 class BuildConfig(_Section):

@@ -43,6 +43,9 @@ SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
 # Funnel order: when positions merge, the furthest stage wins.
 FUNNEL = {"view": 0, "click": 1, "fav": 2, "cart": 3, "purchase": 4}
+# Events whose value is an explicit rating (MovieLens 'rating', Amazon 'review', synth 'rating'):
+# their value becomes the position's entry in the samples' 'ratings' list (null elsewhere)
+RATING_EVENTS = ("rating", "review")
 DEDUP_COLS = ["user", "item", "ts", "event", "channel", "value"]
 DEFAULT_KEY_ENV = "ECOMTRAIN_PSEUDONYM_KEY"
 
@@ -109,6 +112,7 @@ class ShardSink:
 
 def _positions(ev: pl.LazyFrame, collapse_repeats: bool, session_gap: Optional[int], min_len: int) -> pl.LazyFrame:
     """Sorted, deduplicated events of one partition -> one row per user with lists."""
+    ev = ev.with_columns(_rating=pl.when(pl.col("event").is_in(RATING_EVENTS)).then(pl.col("value")))
     if collapse_repeats:
         rank = pl.col("event").replace_strict(FUNNEL, default=-1, return_dtype=pl.Int8)
         new_run = (pl.col("item") != pl.col("item").shift(1)) | (pl.col("user") != pl.col("user").shift(1))
@@ -118,9 +122,11 @@ def _positions(ev: pl.LazyFrame, collapse_repeats: bool, session_gap: Optional[i
             .agg(
                 pl.col("user").first(), pl.col("item").first(), pl.col("ts").first(),
                 pl.col("event").sort_by(["_rank", "_row"]).last(), pl.col("channel").first(),
+                pl.col("_rating").drop_nulls().last(),  # a purchase followed by its rating: one position, rated
             )
         )
-    aggs = [pl.col("item").alias("items"), pl.col("event").alias("events"), pl.col("channel").alias("channels"), pl.col("ts")]
+    aggs = [pl.col("item").alias("items"), pl.col("event").alias("events"), pl.col("channel").alias("channels"), pl.col("ts"),
+            pl.col("_rating").alias("ratings")]
     if session_gap is not None:
         gap = (pl.col("ts").diff().over("user") > session_gap).fill_null(False)
         ev = ev.with_columns(_sess=gap.cast(pl.Int32).cum_sum().over("user"))
@@ -252,6 +258,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
     seq_parts, item_sets, lengths = [], [], []
     ev_counts: dict = {}
     ch_counts: dict = {}
+    n_rated = 0
     for src in parts:
         lf = pl.scan_parquet(src)
         if keep_users is not None:  # is_in keeps the (user, ts, row) order; a join need not
@@ -261,6 +268,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
             continue
         item_sets.append(seqs.select(pl.col("items").explode().unique()).to_series())
         lengths.append(seqs["items"].list.len().to_numpy())
+        n_rated += int(seqs.select(pl.col("ratings").list.drop_nulls().list.len().sum()).item() or 0)
         for col, acc in (("events", ev_counts), ("channels", ch_counts)):
             for k, v in seqs.select(pl.col(col).explode().value_counts()).unnest(col).iter_rows():
                 acc[k] = acc.get(k, 0) + v
@@ -295,6 +303,8 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
     weights = o["event_weights"]
     for p, src in enumerate(seq_parts):
         seqs = pl.read_parquet(src)
+        if not n_rated:  # no explicit ratings anywhere: samples carry no 'ratings' list
+            seqs = seqs.drop("ratings")
         exploded = seqs.select("user", "items").with_row_index("_u").explode("items").join(
             item_map, left_on="items", right_on="item", how="left", maintain_order="left"
         )
@@ -345,6 +355,10 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         "item_file": "items.parquet",
         "event_types": event_vocab,
         "channels": channel_vocab,
+        "sample_fields": [f for f in ("user", "items", "events", "channels", "ts", "sessions", "weights", "ratings")
+                          if f in ("user", "items", "events", "channels", "ts") or (f == "sessions" and o["session_gap"] is not None)
+                          or (f == "weights" and weights) or (f == "ratings" and n_rated)],
+        "num_ratings": n_rated,
         "split": {
             "method": o["split"], "max_history": o["max_history"], "collapse_repeats": o["collapse_repeats"],
             "min_user_events": o["min_user_events"], "kcore_users": o["kcore_users"], "kcore_items": o["kcore_items"],

@@ -26,7 +26,7 @@ import polars as pl
 
 from .importers import DataError
 
-LIST_FIELDS = ("items", "events", "channels", "ts")
+LIST_FIELDS = ("items", "events", "channels", "ts")  # always present; 'sessions', 'weights', 'ratings' when built
 
 
 def pseudonymise(users: pl.Series, key_env: str) -> pl.Series:
@@ -62,13 +62,15 @@ def _sample_struct(fields: list[str], lo: pl.Expr, end: pl.Expr, target: Optiona
         ]
         if "weights" in fields:
             cols.append(pl.col("weights").list.get(target).alias("target_weight"))
+        if "ratings" in fields:
+            cols.append(pl.col("ratings").list.get(target).alias("target_rating"))
     return cols
 
 
 def make_samples(seqs: pl.DataFrame, max_history: int) -> dict[str, pl.DataFrame]:
     """Frames per split with columns user, _lo, _end, _tgt and ``json`` (the sample)."""
     H = max_history
-    fields = [f for f in ("items", "events", "channels", "ts", "sessions", "weights") if f in seqs.columns]
+    fields = [f for f in ("items", "events", "channels", "ts", "sessions", "weights", "ratings") if f in seqs.columns]
     # training windows: ends T, T-H, T-2H, ... while > 1 (an input needs 2 items for a causal step)
     k = pl.when(pl.col("_T") >= 2).then((pl.col("_T") - 2) // H + 1).otherwise(0)
     train = (

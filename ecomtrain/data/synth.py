@@ -15,6 +15,24 @@ What it models (so that a recommender has something real to learn):
   view -> click -> cart -> purchase, and consumables are re-bought later
   (repeat purchases).
 
+Optional planted signals (all off by default: the default log is unchanged, draw for draw):
+- ``behaviour_signal``: the funnel stage decides what comes next: after an item is carted or
+  bought the shopper moves to its series successor (a complement, p=0.8); after a view or
+  click only, to its *substitute* (a second fixed cycle in the category, p=0.8). And carts
+  left without a purchase come back: at a later session start, with p=0.5, the user returns
+  to an abandoned cart and buys it with p=0.8. So the event type of a history step tells the
+  next item, and a past cart tells a future purchase.
+- ``channel_signal``: conversion depends on the session's channel: the click, cart and
+  purchase probabilities are multiplied by 1.6 on the app, 0.5 on the web and 1.0 on the
+  mini program (capped at 0.95). The channel of the latest steps predicts whether the next
+  one is bought.
+- ``ratings``: every purchase is followed by a 'rating' event (value 1..5, rounded):
+  3.4 + item bias N(0, 0.4) + user bias N(0, 0.3) + 1.2 if the user bought the item before
+  + 1.0 if the brand is one of the user's favourites (else -0.5) - 0.8 x |log price -
+  the user's preferred log price| + 0.5 on the app / -0.5 on the web + N(0, 0.3):
+  structure beyond user and item biases that a model can read from the history (repeat
+  items, the brands and prices it holds, the channel of the ongoing session).
+
 Writes ``OUT/events.parquet`` (user_id, item_id, timestamp, event_type,
 channel, value) and ``OUT/items.parquet`` (item_id, title, category, brand, price).
 """
@@ -32,6 +50,7 @@ _CAT_NOUNS = [
     "Hand Cream", "Face Mask", "Razor", "Deodorant",
 ]
 _CHANNELS = ["app", "web", "mini_program"]
+_RATE_CHANNEL = {"app": 0.5, "web": -0.5}  # ratings: shoppers on the app rate higher than on the web
 
 
 def generate(
@@ -42,6 +61,9 @@ def generate(
     days: int = 120,
     sessions_per_user: float = 6.0,
     seed: int = 0,
+    behaviour_signal: bool = False,
+    channel_signal: bool = False,
+    ratings: bool = False,
 ):
     """Return (events, items) as polars DataFrames."""
     import polars as pl
@@ -73,6 +95,19 @@ def generate(
             order = rng.permutation(items)
             successor[order] = np.roll(order, -1)
 
+    # planted-signal state: its own generator, so the default log is unchanged draw for draw
+    prng = np.random.default_rng([seed, 7919])
+    substitute = np.arange(N)
+    for items in cat_items:
+        if len(items) > 1:
+            order = prng.permutation(items)
+            substitute[order] = np.roll(order, -1)
+    item_bias = prng.normal(0, 0.4, N)
+    conv = {"app": 1.6, "web": 0.5, "mini_program": 1.0} if channel_signal else {}
+
+    def p(base: float, ch: str) -> float:
+        return min(0.95, base * conv.get(ch, 1.0))
+
     titles = [
         f"{'Brand' + str(item_brand[i]).zfill(2)} {_ADJ[rng.integers(len(_ADJ))]} "
         f"{_CAT_NOUNS[item_cat[i] % len(_CAT_NOUNS)]} {int(rng.integers(50, 500))}ml"
@@ -85,13 +120,19 @@ def generate(
     span = days * 86400
     cols: dict[str, list] = {k: [] for k in ("user_id", "item_id", "timestamp", "event_type", "channel", "value")}
 
-    def emit(u: int, i: int, t: int, ev: str, ch: str) -> None:
+    def emit(u: int, i: int, t: int, ev: str, ch: str, value=None) -> None:
         cols["user_id"].append(f"U{u:07d}")
         cols["item_id"].append(item_ids[i])
         cols["timestamp"].append(t)
         cols["event_type"].append(ev)
         cols["channel"].append(ch)
-        cols["value"].append(float(item_price[i]) if ev in ("cart", "purchase") else None)
+        cols["value"].append(value if value is not None else (float(item_price[i]) if ev in ("cart", "purchase") else None))
+
+    def rate(u: int, i: int, t: int, ch: str, ub: float, fav, pref: float, before: bool) -> int:
+        r = 3.4 + item_bias[i] + ub + (1.2 if before else 0.0) + (1.0 if item_brand[i] in fav else -0.5)
+        r += -0.8 * abs(item_logp[i] - pref) + _RATE_CHANNEL.get(ch, 0.0) + prng.normal(0, 0.3)
+        emit(u, i, t, "rating", ch, float(np.clip(np.round(r), 1, 5)))
+        return t + int(prng.integers(5, 30))
 
     for u in range(num_users):
         taste = rng.dirichlet(np.full(C, 0.3))
@@ -103,15 +144,35 @@ def generate(
         n_sessions = 1 + rng.poisson(max(sessions_per_user - 1, 0.0))
         starts = np.sort(rng.integers(0, span, n_sessions)) + t0
         bought: list[int] = []
+        abandoned: list[int] = []
+        user_bias = prng.normal(0, 0.3) if ratings else 0.0
+
+        def purchase(i: int, t: int, ch: str) -> int:
+            if ratings:
+                t = rate(u, i, t, ch, user_bias, fav_brands, price_pref, i in bought)
+            bought.append(i)
+            return t
+
         for s_start in starts:
             ch = _CHANNELS[rng.choice(3, p=p_channel)]
             t = int(s_start)
+            if behaviour_signal and abandoned and prng.random() < 0.5:  # back to an abandoned cart
+                i = abandoned.pop(int(prng.integers(len(abandoned))))
+                for ev in ("view", "cart"):
+                    emit(u, i, t, ev, ch)
+                    t += int(prng.integers(5, 90))
+                if prng.random() < 0.8:
+                    emit(u, i, t, "purchase", ch)
+                    t = purchase(i, t + int(prng.integers(5, 60)), ch)
             if bought and rng.random() < 0.25:  # repeat purchase of a consumable
                 i = bought[rng.integers(len(bought))]
                 if consumable[i]:
                     for ev in ("view", "cart", "purchase"):
                         emit(u, i, t, ev, ch)
                         t += int(rng.integers(5, 90))
+                    if ratings:
+                        bought.pop()  # purchase() appends it again, after rating it as a repeat
+                        t = purchase(i, t, ch)
             c = rng.choice(C, p=taste)
             items = cat_items[c]
             if len(items) == 0:
@@ -122,18 +183,31 @@ def generate(
             for _ in range(1 + rng.geometric(0.35)):
                 emit(u, i, t, "view", ch)
                 t += int(rng.integers(5, 120))
-                if rng.random() < 0.55:
+                stage = 0
+                if rng.random() < p(0.55, ch):
                     emit(u, i, t, "click", ch)
                     t += int(rng.integers(5, 120))
-                    if rng.random() < 0.3:
+                    stage = 1
+                    if rng.random() < p(0.3, ch):
                         emit(u, i, t, "cart", ch)
                         t += int(rng.integers(5, 60))
-                        if rng.random() < 0.6:
+                        stage = 2
+                        if rng.random() < p(0.6, ch):
                             emit(u, i, t, "purchase", ch)
                             t += int(rng.integers(5, 60))
-                            bought.append(i)
+                            stage = 3
+                            if ratings:
+                                t = purchase(i, t, ch)
+                            else:
+                                bought.append(i)
+                if behaviour_signal and stage == 2:
+                    abandoned.append(i)
                 # next item: the series successor (sequential signal) or a fresh pick
-                i = int(successor[i]) if rng.random() < 0.6 else int(rng.choice(items, p=w))
+                if behaviour_signal:
+                    nxt = successor[i] if stage >= 2 else substitute[i]
+                    i = int(nxt) if prng.random() < 0.8 else int(rng.choice(items, p=w))
+                else:
+                    i = int(successor[i]) if rng.random() < 0.6 else int(rng.choice(items, p=w))
 
     events = pl.DataFrame(
         cols,

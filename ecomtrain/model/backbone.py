@@ -114,18 +114,22 @@ class ItemLM(nn.Module):
         """Input embeddings of item indices (0 = padding)."""
         return causal_core(self.lm).get_input_embeddings()(self.vocab.to_tokens(items))
 
-    def hidden(self, items: torch.Tensor, position_ids: Optional[torch.Tensor] = None, side: Optional[dict] = None) -> torch.Tensor:
+    def hidden(self, items: torch.Tensor, position_ids: Optional[torch.Tensor] = None, side: Optional[dict] = None,
+               extra: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Last hidden states [B,T,H]. With ``position_ids`` (packed rows, see tasks/next_item.pack_rows)
         no 2-D mask is passed: transformers then derives a block-diagonal causal mask from the
         restarting positions, so segments never attend to each other. ``side``: per-position
-        index tensors (events / channels / gaps, see model/side_inputs.py) added to the embeddings."""
+        index tensors (events / channels / gaps, see model/side_inputs.py) added to the embeddings;
+        ``extra``: a task's own per-position input embeddings [B,T,H] (e.g. past ratings), added too."""
         core = causal_core(self.lm)
         mask = (items > 0).long() if position_ids is None else None
         emb = self.item_embeddings(items)
         if self.side is not None and side:
-            extra = self.side(side)
-            if extra is not None:
-                emb = emb + extra.to(emb.dtype)
+            more = self.side(side)
+            if more is not None:
+                emb = emb + more.to(emb.dtype)
+        if extra is not None:
+            emb = emb + extra.to(emb.dtype)
         emb = self.embed_dropout(emb)
         out = core.model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state

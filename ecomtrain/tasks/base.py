@@ -72,6 +72,8 @@ class Task:
     def check_dataset(self, manifest: dict) -> None:
         """Raise one DataError naming the task, the field and the dataset if a needed field is absent."""
         fields = manifest.get("sample_fields")
+        if fields is None and self.requires and self.ctx.data_path:
+            fields = _peek_fields(self.ctx.data_path, manifest)  # datasets built before sample_fields existed
         for f in self.requires:
             if fields is not None and f not in fields:
                 raise DataError(self.missing(f, manifest, "samples carry no such field"))
@@ -118,6 +120,25 @@ class Task:
     @classmethod
     def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
         raise NotImplementedError
+
+
+def _peek_fields(data_path: str, manifest: dict) -> Optional[list[str]]:
+    """The keys of the first stored sample (val first: it carries the target fields too)."""
+    import io
+    import json
+    import tarfile
+    from pathlib import Path
+
+    for split in ("val", "test", "train"):
+        for sh in manifest.get("splits", {}).get(split, {}).get("shards", []):
+            try:
+                with tarfile.open(Path(data_path) / sh["name"]) as tar:
+                    for m in tar:
+                        if m.isfile() and m.name.endswith(".json"):
+                            return list(json.load(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8")))
+            except (OSError, tarfile.TarError, ValueError):
+                continue
+    return None
 
 
 class MultiTask(Task):

@@ -258,6 +258,7 @@ def train(cfg: Recipe, log=print) -> Path:
                 f"{metrics.get('perf/tokens_per_s', 0.0):.0f} real tokens/s, data wait {100 * metrics['perf/data_wait_fraction']:.1f}% of step time"
                 + (f", MFU {100 * metrics['perf/mfu']:.1f}%" if "perf/mfu" in metrics else "")
             )
-        log("  ".join(f"{k}={metrics[k]:.4f}" for k in keys) + f"  (seen items {'excluded' if cfg.eval.exclude_seen else 'included'})")
+        seen = f"  (seen items {'excluded' if cfg.eval.exclude_seen else 'included'})" if "test/ndcg@10" in keys else ""
+        log("  ".join(f"{k}={metrics[k]:.4f}" for k in keys) + seen)
         log(f"run dir: {run_dir}")
     return run_dir

@@ -1,0 +1,158 @@
+"""Tasks: registry and config, labels derived from the logs, metrics against hand-computed values,
+side inputs, bad input, and one short multi-task training over all four tasks."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from ecomtrain.config import RecipeError, validate_tree
+from ecomtrain.data.importers import DataError
+from ecomtrain.metrics_pointwise import BinaryMetrics, RegressionMetrics, auc_exact
+from ecomtrain.tasks import task_class, val_metrics
+from ecomtrain.tasks.base import TaskContext, build_tasks
+
+from conftest import tiny_recipe
+
+MANIFEST = {"num_items": 10, "event_types": ["view", "click", "cart", "purchase"], "channels": ["app", "web"],
+            "sample_fields": ["user", "items", "events", "channels", "ts"]}
+
+
+def _task(name, manifest=MANIFEST, **cfg):
+    tree = tiny_recipe("unused", "unused", task={"name": name, **cfg})
+    c = validate_tree(tree)
+    return build_tasks(c, manifest, item_counts=[5] * manifest["num_items"])
+
+
+@pytest.fixture(scope="module")
+def signal_dataset(tmp_path_factory):
+    """300 users with planted behaviour/channel signals and ratings (seconds to build)."""
+    from ecomtrain.data import build, importers, synth
+
+    root = tmp_path_factory.mktemp("sig")
+    synth.write(root / "raw", num_users=300, num_items=60, num_categories=4, num_brands=8, seed=2,
+                behaviour_signal=True, channel_signal=True, ratings=True)
+    build.build(importers.load("synth", root / "raw"), root / "ds", shard_max_samples=100, log=lambda *_: None)
+    return root / "ds"
+
+
+# ---------------------------------------------------------------- registry and config
+def test_registry_and_config_forms():
+    with pytest.raises(ValueError, match="did you mean 'purchase_intent'"):
+        task_class("purchase_intnt")
+    assert task_class("rating").monitor([10]) == ("val/rating/rmse", "min")
+    assert val_metrics("next_item", [5, 10])[:2] == ["val/hr@5", "val/ndcg@5"]
+    one = validate_tree({"data": {"path": "x"}, "task": {"name": "next_item"}})
+    many = validate_tree({"data": {"path": "x"}, "task": [{"name": "next_item"}, {"name": "purchase_intent", "weight": 0.3}]})
+    assert [t.name for t in one.task] == ["next_item"] and many.task[1].weight == 0.3
+    with pytest.raises(RecipeError, match=r"task\[1\]\.sampled_negativs: unknown key; did you mean 'sampled_negatives'"):
+        validate_tree({"data": {"path": "x"}, "task": [{"name": "next_item"}, {"name": "purchase_intent", "sampled_negativs": 2}]})
+    with pytest.raises(RecipeError, match="unknown task 'ratin'; did you mean 'rating'"):
+        validate_tree({"data": {"path": "x"}, "task": {"name": "ratin"}})
+
+
+# ---------------------------------------------------------------- labels from the logs
+def test_purchase_intent_labels_from_events():
+    t = _task("purchase_intent", sampled_negatives=2)
+    # events: 0 view, 1 click, 2 cart, 3 purchase; item 4 is viewed at step 1 and bought at step 4
+    s = {"user": "u1", "items": [1, 4, 2, 3, 4, 5], "events": [0, 0, 2, 3, 3, 1], "channels": [0] * 6, "ts": list(range(6))}
+    b = t.collate_train([s])
+    labelled = [(int(c), int(y)) for c, y, r in zip(b["cand"], b["label"], b["row"])]
+    interacted = [(c, y) for c, y in labelled if c in s["items"]]
+    # step 1 (item 4 viewed) is no negative: it is bought later in the window
+    assert interacted == [(2, 0), (3, 1), (4, 1), (5, 0)]
+    sampled = [c for c, y in labelled if c not in s["items"]]
+    assert len(sampled) == 2 * len(interacted) and all(y == 0 for c, y in labelled if c not in s["items"])
+    # each candidate is scored from the state after the previous step
+    assert b["col"].tolist()[::3] == [1, 2, 3, 4]
+    assert torch.equal(t.collate_train([s])["cand"], b["cand"])  # seeded: the same negatives every time
+    e = t.collate_eval([{**s, "target": 6, "target_event": 3}])
+    assert e["cands"][0, 0] == 6 and e["labels"][0].tolist() == [1, 0, 0] and not set(e["cands"][0, 1:].tolist()) & {1, 2, 3, 4, 5, 6}
+
+
+def test_candidate_ranking_candidates_and_catalog_check():
+    t = _task("candidate_ranking", num_candidates=5)
+    s = {"user": "u", "items": [1, 2, 3], "events": [0] * 3, "channels": [0] * 3, "ts": [0, 1, 2], "target": 7}
+    c = t.collate_eval([s])["cands"][0].tolist()
+    assert c[0] == 7 and len(set(c)) == 5 and not set(c[1:]) & {1, 2, 3, 7}
+    tr = t.collate_train([{**s, "items": [1, 2, 3, 4]}])
+    assert (tr["cands"][..., 0] == tr["labels"]).all() and not (tr["cands"][..., 1:] == tr["labels"].unsqueeze(-1)).any()
+    with pytest.raises(DataError, match="num_candidates 20 exceeds the catalog of 10 items"):
+        _task("candidate_ranking", num_candidates=20)
+
+
+def test_missing_fields_name_task_field_and_dataset(tiny_dataset):
+    # the default synthetic log has no ratings; a log without purchases cannot label intent
+    cfg = validate_tree(tiny_recipe(tiny_dataset, tiny_dataset, task={"name": "rating"}))
+    m = json.loads((tiny_dataset / "manifest.json").read_text())
+    with pytest.raises(DataError) as exc:
+        build_tasks(cfg, m)
+    msg = str(exc.value)
+    assert "task 'rating'" in msg and "'ratings'" in msg and str(tiny_dataset) in msg and "\n" not in msg
+    with pytest.raises(DataError, match=r"task 'purchase_intent' needs 'events \['buy'\]'"):
+        build_tasks(validate_tree(tiny_recipe(tiny_dataset, tiny_dataset, task={"name": "purchase_intent", "positive_events": ["buy"]})), m)
+
+
+# ---------------------------------------------------------------- metrics
+def test_binary_metrics_hand_computed():
+    p = torch.tensor([0.9, 0.8, 0.3, 0.6, 0.2, 0.7, 0.4])
+    y = torch.tensor([1, 0, 0, 1, 0, 1, 1])
+    g = torch.tensor([1, 1, 1, 2, 2, 3, 3])  # user 3 has positives only: no AUC of its own
+    m = BinaryMetrics(ece_bins=2)
+    m.update(p, y, g)
+    out = m.compute()
+    # pairs (pos > neg) over 4 pos x 3 neg: 0.9 beats all 3; 0.6 beats 0.3, 0.2; 0.7 beats 0.3, 0.2; 0.4 beats 0.3, 0.2
+    assert out["auc"].item() == pytest.approx(9 / 12)
+    # user 1: 1 pos, 2 neg, AUC 1 (3 impressions); user 2: AUC 1 (2 impressions); user 3 skipped
+    assert out["gauc"].item() == pytest.approx(1.0)
+    ll = -sum(math.log(q if t else 1 - q) for q, t in zip(p.tolist(), y.tolist())) / 7
+    assert out["logloss"].item() == pytest.approx(ll, rel=1e-5)
+    # 2 bins: [0, .5]: p .3 .2 .4 (acc 1/3, conf .3); (.5, 1]: .9 .8 .6 .7 (acc 3/4, conf .75)
+    assert out["ece"].item() == pytest.approx(3 / 7 * abs(1 / 3 - 0.3) + 4 / 7 * abs(0.75 - 0.75), abs=1e-6)
+    assert auc_exact(torch.tensor([0.5, 0.5, 0.1]), torch.tensor([1, 0, 0])) == pytest.approx(0.75)  # a tie counts 1/2
+    # per-user weighting: user A AUC 0 with 4 impressions, user B AUC 1 with 2 impressions -> 2/6
+    m2 = BinaryMetrics()
+    m2.update(torch.tensor([0.1, 0.9, 0.8, 0.7, 0.6, 0.5]), torch.tensor([1, 0, 0, 0, 1, 0]), torch.tensor([7, 7, 7, 7, 8, 8]))
+    assert m2.compute()["gauc"].item() == pytest.approx(2 / 6)
+    r = RegressionMetrics()
+    r.update(torch.tensor([3.0, 4.0, 1.0]), torch.tensor([4.0, 4.0, 3.0]), torch.tensor([True, True, False]))
+    assert r.compute()["rmse"].item() == pytest.approx(math.sqrt(0.5)) and r.compute()["mae"].item() == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- side inputs
+def test_side_inputs_alignment_and_default_off():
+    from ecomtrain.model.side_inputs import gap_bucket
+
+    s = {"user": "u", "items": [1, 2, 3, 4], "events": [0, 3, -1, 1], "channels": [1, 0, 0, 1], "ts": [0, 60, 3660, 3660 + 86400]}
+    on = _task("next_item", manifest=MANIFEST)
+    assert "side" not in on.collate_train([s]) and "side" not in on.collate_eval([{**s, "target": 5}])  # default: unchanged batches
+    tree = tiny_recipe("unused", "unused", model__inputs={"event_types": True, "channels": True, "time_gaps": True})
+    t = build_tasks(validate_tree(tree), MANIFEST)
+    b = t.collate_train([s])  # inputs are steps 0..2 (step 3 is only a label)
+    assert b["side"]["events"].tolist() == [[1, 4, 0]] and b["side"]["channels"].tolist() == [[2, 1, 1]]
+    assert b["side"]["gaps"].tolist() == [[1, gap_bucket(60), gap_bucket(3600)]] and [gap_bucket(x) for x in (60, 3600, 86400)] == [3, 6, 9]
+    e = t.collate_eval([{**s, "target": 5}])
+    assert e["side"]["gaps"][0, -1].item() == 9 and e["side"]["events"].shape == e["items"].shape
+
+
+# ---------------------------------------------------------------- training, all tasks at once
+def test_multi_task_training_all_tasks(signal_dataset, tmp_path):
+    from ecomtrain.train.runner import train
+
+    tasks = [{"name": "next_item"}, {"name": "purchase_intent", "weight": 0.5}, {"name": "rating", "weight": 0.5},
+             {"name": "candidate_ranking", "num_candidates": 10, "weight": 0.5}]
+    cfg = validate_tree(tiny_recipe(signal_dataset, tmp_path / "run", task=tasks, trainer__max_epochs=1,
+                                    model__inputs={"event_types": True, "channels": True, "time_gaps": True}))
+    run_dir = train(cfg, log=lambda *_: None)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for k in ("test/ndcg@10", "test/purchase_intent/auc", "test/purchase_intent/gauc", "test/purchase_intent/ece",
+              "baseline/item_purchase_rate/test/purchase_intent/auc", "test/rating/rmse", "baseline/user_item_bias/test/rating/rmse",
+              "test/candidate_ranking/hr@1", "baseline/random/test/candidate_ranking/hr@1"):
+        assert math.isfinite(m[k]), k
+    assert m["baseline/random/test/candidate_ranking/hr@1"] == pytest.approx(0.1)  # 1/K exactly under ties
+    logged = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
+    for name in ("next_item", "purchase_intent", "rating", "candidate_ranking"):
+        assert f"train/loss/{name}" in logged
