@@ -55,7 +55,7 @@ class GroupAUC(Metric):
         self.groups.append(groups.detach().long().flatten())
 
     def compute(self) -> torch.Tensor:
-        if not self.scores or (isinstance(self.scores, list) and not len(self.scores)):
+        if isinstance(self.scores, list) and len(self.scores) == 0:  # (after a DDP sync the states are tensors)
             return torch.tensor(float("nan"))
         s, y, g = (dim_zero_cat(x).cpu() for x in (self.scores, self.labels, self.groups))
         order = torch.argsort(g, stable=True)

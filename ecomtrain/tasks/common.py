@@ -76,13 +76,35 @@ def iter_train_samples(data_path: str, manifest: dict) -> Iterator[dict]:
                     yield json.load(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8"))
 
 
-class PairHead(nn.Module):
-    """logit(h, e) = MLP([h, e, h * e]): a user state h against a candidate item embedding e."""
+def prev_code(seen: dict, item: int) -> int:
+    """0: the candidate is not in the history so far; 1 + k: it is, and its last event index is k-1 (k=0: unknown)."""
+    if item not in seen:
+        return 0
+    e = seen[item]
+    return 1 + (e + 1 if e is not None and e >= 0 else 0)
 
-    def __init__(self, hidden: int, out: int = 1):
+
+def history_codes(items: list[int], events: list, lo: int, hi: int) -> dict:
+    """item -> its last event index over steps lo..hi-1."""
+    out: dict = {}
+    for t in range(lo, min(hi, len(items))):
+        out[items[t]] = events[t] if t < len(events) else None
+    return out
+
+
+class PairHead(nn.Module):
+    """logit(h, e) = MLP([h, e', h * e']), e' = the candidate's item embedding plus an embedding of
+    whether (and with which last event) it already appears in the user's history: repeat
+    consumption and returning to an abandoned cart are the strongest point-wise signals in logs."""
+
+    def __init__(self, hidden: int, out: int = 1, num_events: int = 0):
         super().__init__()
+        self.prev = nn.Embedding(num_events + 2, hidden)
+        nn.init.normal_(self.prev.weight, std=0.02)
         self.mlp = nn.Sequential(nn.Linear(3 * hidden, hidden), nn.GELU(), nn.Linear(hidden, out))
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, e: torch.Tensor, prev: Optional[torch.Tensor] = None) -> torch.Tensor:
         e = e.to(h.dtype)
+        if prev is not None:
+            e = e + self.prev(prev).to(h.dtype)
         return self.mlp(torch.cat([h, e, h * e], -1)).squeeze(-1)

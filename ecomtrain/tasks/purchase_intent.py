@@ -29,7 +29,7 @@ from ..config import RecipeError
 from ..metrics_pointwise import BinaryMetrics
 from . import register_task
 from .base import Task, pad
-from .common import NegativeSampler, PairHead, iter_train_samples, rng_for, side_batch, user_key
+from .common import NegativeSampler, PairHead, history_codes, iter_train_samples, prev_code, rng_for, side_batch, user_key
 
 
 @register_task("purchase_intent")
@@ -56,22 +56,20 @@ class PurchaseIntentTask(Task):
             raise_data(self, f"events {self.cfg.positive_events}", manifest, f"its event types are {ev}; set task.positive_events")
 
     # -- labels
-    def _candidates(self, s: dict, lo: int, hi: int) -> list[tuple[int, int, int]]:
-        """(step, item, label) for steps lo+1..hi-1 of a window, sampled negatives included."""
+    def _candidates(self, s: dict, lo: int, hi: int) -> list[tuple[int, int, int, int]]:
+        """(step, item, label, prev code) for steps lo+1..hi-1 of a window, sampled negatives included."""
         items, events = s["items"], s.get("events") or []
         bought = {items[t] for t in range(lo, hi) if t < len(events) and events[t] in self.pos}
         window = set(items[lo:hi])
         rng = rng_for(self.ctx.seed, s.get("user", ""), lo, hi, "train")
+        seen = history_codes(items, events, 0, lo + 1)  # the history before step lo+1 (earlier windows' steps included)
         out = []
         for t in range(lo + 1, hi):
             e = events[t] if t < len(events) else -1
-            if e in self.pos:
-                out.append((t, items[t], 1))
-            elif e in self.neg and items[t] not in bought:
-                out.append((t, items[t], 0))
-            else:
-                continue
-            out += [(t, c, 0) for c in self.sampler.draw(rng, self.r, window)]
+            if e in self.pos or (e in self.neg and items[t] not in bought):
+                out.append((t, items[t], int(e in self.pos), prev_code(seen, items[t])))
+                out += [(t, c, 0, 0) for c in self.sampler.draw(rng, self.r, window)]
+            seen[items[t]] = e
         return out
 
     # -- tensors
@@ -79,19 +77,21 @@ class PurchaseIntentTask(Task):
         L = self.max_history
         if self.mode == "yes_no":
             return self._rows(samples, train=True)
-        rows, bounds, row_i, col, cand, label = [], [], [], [], [], []
+        rows, bounds, row_i, col, cand, label, prev = [], [], [], [], [], [], []
         for b, s in enumerate(samples):
             n = len(s["items"])
             lo = max(0, n - (L + 1))
             rows.append(s["items"][lo: n - 1])
             bounds.append((lo, n - 1))
-            for t, c, y in self._candidates(s, lo, n):
+            for t, c, y, p in self._candidates(s, lo, n):
                 row_i.append(b)
                 col.append(t - lo - 1)  # hidden state after step t-1
                 cand.append(c)
                 label.append(y)
+                prev.append(p)
         out = {"items": pad(rows), "row": torch.tensor(row_i, dtype=torch.long), "col": torch.tensor(col, dtype=torch.long),
-               "cand": torch.tensor(cand, dtype=torch.long), "label": torch.tensor(label, dtype=torch.float32)}
+               "cand": torch.tensor(cand, dtype=torch.long), "label": torch.tensor(label, dtype=torch.float32),
+               "prev": torch.tensor(prev, dtype=torch.long)}
         side = side_batch(samples, bounds, self.flags)
         if side:
             out["side"] = side
@@ -109,7 +109,7 @@ class PurchaseIntentTask(Task):
     def _rows(self, samples: list[dict], train: bool) -> dict:
         """Rows history + [candidate] (yes_no head, train and eval; binary head, eval)."""
         L = self.max_history
-        hist, bounds, cands, labels, valid = [], [], [], [], []
+        hist, bounds, cands, labels, valid, prev = [], [], [], [], [], []
         for s in samples:
             n = len(s["items"])
             if train:  # the window's last step is the candidate, the steps before it the history
@@ -119,6 +119,8 @@ class PurchaseIntentTask(Task):
             else:
                 lo, end, t = max(0, n - L), n, s
             c, y, v = self._eval_candidates(t)
+            seen = history_codes(s["items"], s.get("events") or [], 0, end)
+            prev.append([prev_code(seen, i) for i in c])
             hist.append(s["items"][lo:end])
             bounds.append((lo, end))
             cands.append(c)
@@ -126,7 +128,7 @@ class PurchaseIntentTask(Task):
             valid.append(v)
         out = {"items": pad(hist), "lengths": torch.tensor([max(1, len(h)) for h in hist]),
                "cands": torch.tensor(cands, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.float32),
-               "valid": torch.tensor(valid, dtype=torch.bool),
+               "valid": torch.tensor(valid, dtype=torch.bool), "prev": torch.tensor(prev, dtype=torch.long),
                "group": torch.tensor([user_key(s.get("user", "")) for s in samples], dtype=torch.long)}
         side = side_batch(samples, bounds, self.flags)
         if side:
@@ -142,7 +144,7 @@ class PurchaseIntentTask(Task):
         if self.mode == "auto":
             self.mode = "yes_no" if tok is not None else "binary"
         if self.mode == "binary":
-            return PairHead(net.lm.config.hidden_size)
+            return PairHead(net.lm.config.hidden_size, num_events=len(self.event_types))
         if tok is None:
             raise RecipeError("task purchase_intent: head 'yes_no' needs a tokenizer (model.backbone.pretrained); use head: binary")
         ids = []
@@ -173,7 +175,7 @@ class PurchaseIntentTask(Task):
             return head(net, h).view(B, C)
         h = net.hidden(items, side=batch.get("side"))[torch.arange(B), lengths - 1]
         e = net.item_embeddings(cands)
-        return head(h.unsqueeze(1).expand(-1, C, -1), e).view(B, C)
+        return head(h.unsqueeze(1).expand(-1, C, -1), e, batch.get("prev")).view(B, C)
 
     def loss(self, net, head, batch: dict) -> torch.Tensor:
         if "cands" in batch:  # yes_no rows
@@ -184,7 +186,7 @@ class PurchaseIntentTask(Task):
         if len(batch["cand"]) == 0:
             return h.sum() * 0.0  # a batch without labelled steps: zero loss, same graph on every rank
         hs = h[batch["row"], batch["col"]]
-        logits = head(hs, net.item_embeddings(batch["cand"]))
+        logits = head(hs, net.item_embeddings(batch["cand"]), batch.get("prev"))
         return F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
 
     # -- baselines fitted on the training windows

@@ -26,7 +26,7 @@ from torch import nn
 from ..metrics_pointwise import RegressionMetrics
 from . import register_task
 from .base import Task, pad
-from .common import PairHead, iter_train_samples, side_batch
+from .common import PairHead, history_codes, iter_train_samples, prev_code, side_batch
 
 LAMBDAS = (1.0, 3.0, 10.0, 25.0)
 
@@ -58,21 +58,25 @@ class RatingTask(Task):
 
     def collate_train(self, samples: list[dict]) -> dict:
         L = self.max_history
-        bounds, row, col, cand, value = [], [], [], [], []
+        bounds, row, col, cand, value, prev = [], [], [], [], [], []
         for b, s in enumerate(samples):
             n = len(s["items"])
             lo = max(0, n - (L + 1))
             bounds.append((lo, n - 1))
-            rs = s.get("ratings") or []
+            rs, ev = s.get("ratings") or [], s.get("events") or []
+            seen = history_codes(s["items"], ev, 0, lo + 1)
             for t in range(lo + 1, n):
                 if t < len(rs) and rs[t] is not None:
                     row.append(b)
                     col.append(t - lo - 1)
                     cand.append(s["items"][t])
                     value.append(float(rs[t]))
+                    prev.append(prev_code(seen, s["items"][t]))
+                seen[s["items"][t]] = ev[t] if t < len(ev) else None
         out = self._rows(samples, bounds)
         out.update(row=torch.tensor(row, dtype=torch.long), col=torch.tensor(col, dtype=torch.long),
-                   cand=torch.tensor(cand, dtype=torch.long), value=torch.tensor(value, dtype=torch.float32))
+                   cand=torch.tensor(cand, dtype=torch.long), value=torch.tensor(value, dtype=torch.float32),
+                   prev=torch.tensor(prev, dtype=torch.long))
         return out
 
     def collate_eval(self, samples: list[dict]) -> dict:
@@ -84,6 +88,7 @@ class RatingTask(Task):
                    target=torch.tensor([s["target"] for s in samples], dtype=torch.long),
                    value=torch.tensor([float(r) if r is not None else 0.0 for r in tr], dtype=torch.float32),
                    valid=torch.tensor([r is not None for r in tr], dtype=torch.bool),
+                   prev=torch.tensor([prev_code(history_codes(s["items"], s.get("events") or [], 0, len(s["items"])), s["target"]) for s in samples]),
                    # the user's history ratings (items, values) for the bias baseline
                    hist_items=pad([[i for i, r in zip(s["items"], s.get("ratings") or []) if r is not None] for s in samples]),
                    hist_values=pad([[float(r) for r in (s.get("ratings") or []) if r is not None] for s in samples], 0.0, torch.float32))
@@ -91,7 +96,7 @@ class RatingTask(Task):
 
     # -- model
     def make_head(self, net) -> nn.Module:
-        return RatingHead(net.lm.config.hidden_size, self.levels, self.train_stats()[0])
+        return RatingHead(net.lm.config.hidden_size, self.levels, self.train_stats()[0], len(self.ctx.manifest.get("event_types") or []))
 
     def _hidden(self, net, head, batch):
         return net.hidden(batch["items"], side=batch.get("side"), extra=head.value_emb(batch["levels"]))
@@ -99,13 +104,13 @@ class RatingTask(Task):
     def predict(self, net, head, batch) -> torch.Tensor:
         h = self._hidden(net, head, batch)
         hs = h[torch.arange(len(h)), batch["lengths"] - 1]
-        return head(hs, net.item_embeddings(batch["target"])).clamp(self.lo, self.hi)
+        return head(hs, net.item_embeddings(batch["target"]), batch["prev"]).clamp(self.lo, self.hi)
 
     def loss(self, net, head, batch: dict) -> torch.Tensor:
         h = self._hidden(net, head, batch)
         if len(batch["cand"]) == 0:
             return h.sum() * 0.0  # no rated step in this batch: zero loss, same graph on every rank
-        pred = head(h[batch["row"], batch["col"]], net.item_embeddings(batch["cand"]))
+        pred = head(h[batch["row"], batch["col"]], net.item_embeddings(batch["cand"]), batch["prev"])
         return F.mse_loss(pred.float(), batch["value"])
 
     # -- baselines
@@ -139,17 +144,17 @@ class RatingTask(Task):
 
 
 class RatingHead(nn.Module):
-    def __init__(self, hidden: int, levels: int, mean: float):
+    def __init__(self, hidden: int, levels: int, mean: float, num_events: int = 0):
         super().__init__()
         self.value_emb = nn.Embedding(levels + 1, hidden, padding_idx=0)
         nn.init.normal_(self.value_emb.weight, std=0.02)
         with torch.no_grad():
             self.value_emb.weight[0].zero_()
-        self.pair = PairHead(hidden)
+        self.pair = PairHead(hidden, num_events=num_events)
         self.mean = mean
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return self.pair(h, e).float() + self.mean
+    def forward(self, h: torch.Tensor, e: torch.Tensor, prev=None) -> torch.Tensor:
+        return self.pair(h, e, prev).float() + self.mean
 
 
 class RatingEvaluator(nn.Module):
