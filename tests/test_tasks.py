@@ -156,3 +156,53 @@ def test_multi_task_training_all_tasks(signal_dataset, tmp_path):
     logged = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
     for name in ("next_item", "purchase_intent", "rating", "candidate_ranking"):
         assert f"train/loss/{name}" in logged
+
+
+# ---------------------------------------------------------------- TALLRec yes/no head, bad input through the CLI
+def test_yes_no_head_answer_tokens(tmp_path, tiny_dataset):
+    from test_model import _save_tiny_pretrained
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from ecomtrain.train.module import module_for_dataset
+
+    _save_tiny_pretrained(tmp_path / "base")
+    m = json.loads((tiny_dataset / "manifest.json").read_text())
+    tree = tiny_recipe(tiny_dataset, tmp_path, model__backbone={"pretrained": str(tmp_path / "base")},
+                       task={"name": "purchase_intent", "head": "binary"})
+    mod = module_for_dataset(validate_tree(tree), m)
+    mod.configure_model()
+    # a word-level tokenizer in memory (transformers 5 reloads the saved one as a Qwen2 BPE tokenizer)
+    words = {"<pad>": 0, "<unk>": 1, **{f"w{i}": i for i in range(2, 40)}}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    mod.net.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>")
+    task = mod.task
+    task.mode, task.cfg.answer_tokens = "yes_no", ("w5", "w6")
+    head = task.make_head(mod.net)
+    assert type(head).__name__ == "YesNoHead" and head.ids.tolist() == [5, 6]
+    samples = [{"user": "u", "items": [3, 4, 5, 6], "events": [0, 3, 0, 3], "channels": [0] * 4, "ts": [0, 1, 2, 3]}]
+    batch = task.collate_train(samples)
+    assert batch["cands"][0, 0] == 6 and batch["labels"][0, 0] == 1  # the window's last step is the candidate
+    loss = task.loss(mod.net, head, batch)
+    loss.backward()
+    # the answer is read from the LM head rows of the two answer tokens
+    assert torch.isfinite(loss) and mod.net.lm.get_output_embeddings().weight.grad[[5, 6]].abs().sum() > 0
+    task.cfg.answer_tokens = ("w5 w6", "w7")
+    with pytest.raises(RecipeError, match="answer token 'w5 w6' is 2 tokens"):
+        task.make_head(mod.net)
+    task.cfg.answer_tokens = ("Yes", "No")
+    with pytest.raises(RecipeError, match="answer token 'Yes' is not in the tokenizer's vocabulary"):
+        task.make_head(mod.net)
+
+
+def test_cli_bad_task_input_one_line_exit_2(tiny_dataset, tmp_path):
+    import yaml
+    from data_helpers import cli
+
+    tree = tiny_recipe(tiny_dataset, tmp_path / "run", task={"name": "rating"})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tree))
+    r = cli("train", str(tmp_path / "r.yaml"))
+    assert r.returncode == 2 and r.stderr.startswith("error: task 'rating' needs 'ratings'") and r.stderr.count("\n") == 1
+    r = cli("train", str(tmp_path / "r.yaml"), "task.name=candidate_ranking", "task.num_candidates=100000")
+    assert r.returncode == 2 and "num_candidates 100000 exceeds the catalog" in r.stderr and r.stderr.count("\n") == 1

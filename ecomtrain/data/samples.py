@@ -59,6 +59,7 @@ def _sample_struct(fields: list[str], lo: pl.Expr, end: pl.Expr, target: Optiona
             pl.col("items").list.get(target).alias("target"),
             pl.col("events").list.get(target).alias("target_event"),
             pl.col("ts").list.get(target).alias("target_ts"),
+            pl.col("channels").list.get(target).alias("target_channel"),
         ]
         if "weights" in fields:
             cols.append(pl.col("weights").list.get(target).alias("target_weight"))

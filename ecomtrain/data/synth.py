@@ -29,7 +29,7 @@ Optional planted signals (all off by default: the default log is unchanged, draw
 - ``ratings``: every purchase is followed by a 'rating' event (value 1..5, rounded):
   3.4 + item bias N(0, 0.4) + user bias N(0, 0.3) + 1.2 if the user bought the item before
   + 1.0 if the brand is one of the user's favourites (else -0.5) - 0.8 x |log price -
-  the user's preferred log price| + 0.5 on the app / -0.5 on the web + N(0, 0.3):
+  the user's preferred log price| + 0.7 on the app / -0.7 on the web + N(0, 0.3):
   structure beyond user and item biases that a model can read from the history (repeat
   items, the brands and prices it holds, the channel of the ongoing session).
 
@@ -50,7 +50,7 @@ _CAT_NOUNS = [
     "Hand Cream", "Face Mask", "Razor", "Deodorant",
 ]
 _CHANNELS = ["app", "web", "mini_program"]
-_RATE_CHANNEL = {"app": 0.5, "web": -0.5}  # ratings: shoppers on the app rate higher than on the web
+_RATE_CHANNEL = {"app": 0.7, "web": -0.7}  # ratings: shoppers on the app rate higher than on the web
 
 
 def generate(

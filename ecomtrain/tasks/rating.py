@@ -5,8 +5,10 @@ Amazon reviews, the synthetic log with ``ratings: true``) and, for eval, ``targe
 
 Model: the history's items, each with its own past rating as an input embedding (rounded to
 the scale's steps; 0 = unrated), runs through the backbone; the rating of the item at step t
-is regressed from the hidden state after step t-1 and the item's embedding (an MLP head, its
-output offset by the training mean), trained with MSE at every rated step of a window and
+is regressed from the hidden state after step t-1, the item's embedding, whether the item is
+already in the history (and its last event) and the channel of the rated interaction itself
+(known when the rating is given; ``target_channel`` in eval samples): an MLP head whose
+output is offset by the training mean, trained with MSE at every rated step of a window and
 clipped to [min_rating, max_rating] for evaluation.
 
 Baselines (fitted on the training windows): the global mean, and the user+item bias model
@@ -29,6 +31,12 @@ from .base import Task, pad
 from .common import PairHead, history_codes, iter_train_samples, prev_code, side_batch
 
 LAMBDAS = (1.0, 3.0, 10.0, 25.0)
+
+
+def _chan(channels, t: int) -> int:
+    """Channel index + 1 of step t (0 = unknown)."""
+    c = channels[t] if channels is not None and t < len(channels) else None
+    return c + 1 if c is not None and c >= 0 else 0
 
 
 @register_task("rating")
@@ -58,7 +66,7 @@ class RatingTask(Task):
 
     def collate_train(self, samples: list[dict]) -> dict:
         L = self.max_history
-        bounds, row, col, cand, value, prev = [], [], [], [], [], []
+        bounds, row, col, cand, value, prev, chan = [], [], [], [], [], [], []
         for b, s in enumerate(samples):
             n = len(s["items"])
             lo = max(0, n - (L + 1))
@@ -72,11 +80,12 @@ class RatingTask(Task):
                     cand.append(s["items"][t])
                     value.append(float(rs[t]))
                     prev.append(prev_code(seen, s["items"][t]))
+                    chan.append(_chan(s.get("channels"), t))
                 seen[s["items"][t]] = ev[t] if t < len(ev) else None
         out = self._rows(samples, bounds)
         out.update(row=torch.tensor(row, dtype=torch.long), col=torch.tensor(col, dtype=torch.long),
                    cand=torch.tensor(cand, dtype=torch.long), value=torch.tensor(value, dtype=torch.float32),
-                   prev=torch.tensor(prev, dtype=torch.long))
+                   prev=torch.tensor(prev, dtype=torch.long), chan=torch.tensor(chan, dtype=torch.long))
         return out
 
     def collate_eval(self, samples: list[dict]) -> dict:
@@ -88,6 +97,7 @@ class RatingTask(Task):
                    target=torch.tensor([s["target"] for s in samples], dtype=torch.long),
                    value=torch.tensor([float(r) if r is not None else 0.0 for r in tr], dtype=torch.float32),
                    valid=torch.tensor([r is not None for r in tr], dtype=torch.bool),
+                   chan=torch.tensor([_chan([s.get("target_channel")], 0) for s in samples], dtype=torch.long),
                    prev=torch.tensor([prev_code(history_codes(s["items"], s.get("events") or [], 0, len(s["items"])), s["target"]) for s in samples]),
                    # the user's history ratings (items, values) for the bias baseline
                    hist_items=pad([[i for i, r in zip(s["items"], s.get("ratings") or []) if r is not None] for s in samples]),
@@ -96,7 +106,8 @@ class RatingTask(Task):
 
     # -- model
     def make_head(self, net) -> nn.Module:
-        return RatingHead(net.lm.config.hidden_size, self.levels, self.train_stats()[0], len(self.ctx.manifest.get("event_types") or []))
+        m = self.ctx.manifest
+        return RatingHead(net.lm.config.hidden_size, self.levels, self.train_stats()[0], len(m.get("event_types") or []), len(m.get("channels") or []))
 
     def _hidden(self, net, head, batch):
         return net.hidden(batch["items"], side=batch.get("side"), extra=head.value_emb(batch["levels"]))
@@ -104,13 +115,13 @@ class RatingTask(Task):
     def predict(self, net, head, batch) -> torch.Tensor:
         h = self._hidden(net, head, batch)
         hs = h[torch.arange(len(h)), batch["lengths"] - 1]
-        return head(hs, net.item_embeddings(batch["target"]), batch["prev"]).clamp(self.lo, self.hi)
+        return head(hs, net.item_embeddings(batch["target"]), batch["prev"], batch["chan"]).clamp(self.lo, self.hi)
 
     def loss(self, net, head, batch: dict) -> torch.Tensor:
         h = self._hidden(net, head, batch)
         if len(batch["cand"]) == 0:
             return h.sum() * 0.0  # no rated step in this batch: zero loss, same graph on every rank
-        pred = head(h[batch["row"], batch["col"]], net.item_embeddings(batch["cand"]), batch["prev"])
+        pred = head(h[batch["row"], batch["col"]], net.item_embeddings(batch["cand"]), batch["prev"], batch["chan"])
         return F.mse_loss(pred.float(), batch["value"])
 
     # -- baselines
@@ -144,8 +155,9 @@ class RatingTask(Task):
 
 
 class RatingHead(nn.Module):
-    def __init__(self, hidden: int, levels: int, mean: float, num_events: int = 0):
+    def __init__(self, hidden: int, levels: int, mean: float, num_events: int = 0, num_channels: int = 0):
         super().__init__()
+        self.chan_emb = nn.Embedding(num_channels + 1, hidden, padding_idx=0)  # channel of the rated interaction
         self.value_emb = nn.Embedding(levels + 1, hidden, padding_idx=0)
         nn.init.normal_(self.value_emb.weight, std=0.02)
         with torch.no_grad():
@@ -153,7 +165,9 @@ class RatingHead(nn.Module):
         self.pair = PairHead(hidden, num_events=num_events)
         self.mean = mean
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor, prev=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, e: torch.Tensor, prev=None, chan=None) -> torch.Tensor:
+        if chan is not None:
+            e = e + self.chan_emb(chan).to(e.dtype)
         return self.pair(h, e, prev).float() + self.mean
 
 
