@@ -206,3 +206,29 @@ def test_cli_bad_task_input_one_line_exit_2(tiny_dataset, tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: task 'rating' needs 'ratings'") and r.stderr.count("\n") == 1
     r = cli("train", str(tmp_path / "r.yaml"), "task.name=candidate_ranking", "task.num_candidates=100000")
     assert r.returncode == 2 and "num_candidates 100000 exceeds the catalog" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_packed_side_inputs_same_loss():
+    """Packing keeps each side input with its own step: packed loss == padded loss (dropout off)."""
+    from ecomtrain.model.backbone import ItemLM, build_causal_lm
+    from ecomtrain.model.side_inputs import SideInputs
+
+    flags = {"event_types": True, "channels": True, "time_gaps": True}
+    cfg = validate_tree(tiny_recipe("unused", "unused", model__inputs=flags))
+    lm, vocab, _ = build_causal_lm(cfg.model, num_items=10)
+    torch.manual_seed(0)
+    net = ItemLM(lm, vocab, side=SideInputs(64, 4, 2, flags)).eval()
+    samples = [{"user": f"u{k}", "items": [(k + j) % 10 + 1 for j in range(n)], "events": [j % 4 for j in range(n)],
+                "channels": [(k + j) % 2 for j in range(n)], "ts": [60 * j * j for j in range(n)]} for k, n in enumerate((6, 3, 4, 2))]
+    plain = build_tasks(cfg, MANIFEST)
+    packed = build_tasks(validate_tree(tiny_recipe("unused", "unused", model__inputs=flags, data__packing=True)), MANIFEST)
+    bp = packed.collate_train(samples)
+    assert bp["items"].shape[0] < 4 and bp["side"]["events"].shape == bp["items"].shape
+    with torch.no_grad():
+        a, b = plain.loss(net, None, plain.collate_train(samples)), packed.loss(net, None, bp)
+    assert a.item() == pytest.approx(b.item(), abs=1e-5)
+    off = net.side
+    net.side = None  # the side inputs do change the model's output
+    with torch.no_grad():
+        assert abs(plain.loss(net, None, plain.collate_train(samples)).item() - a.item()) > 1e-4
+    net.side = off

@@ -184,7 +184,7 @@ class PurchaseIntentTask(Task):
             return F.binary_cross_entropy_with_logits(logits[m].float(), batch["labels"][m])
         h = net.hidden(batch["items"], side=batch.get("side"))
         if len(batch["cand"]) == 0:
-            return h.sum() * 0.0  # a batch without labelled steps: zero loss, same graph on every rank
+            return (h.sum() + sum(p.sum() for p in head.parameters())) * 0.0  # a batch without labelled steps: zero loss, same graph on every rank
         hs = h[batch["row"], batch["col"]]
         logits = head(hs, net.item_embeddings(batch["cand"]), batch.get("prev"))
         return F.binary_cross_entropy_with_logits(logits.float(), batch["label"])

@@ -144,7 +144,7 @@ class RatingTask(Task):
     def loss(self, net, head, batch: dict) -> torch.Tensor:
         h = self._hidden(net, head, batch)
         if len(batch["cand"]) == 0:
-            return h.sum() * 0.0  # no rated step in this batch: zero loss, same graph on every rank
+            return (h.sum() + sum(p.sum() for p in head.parameters())) * 0.0  # no rated step in this batch: zero loss, same graph on every rank
         pred = batch["base"] + head(h[batch["row"], batch["col"]], net.item_embeddings(batch["cand"]), batch["prev"], batch["chan"])
         return F.mse_loss(pred.float(), batch["value"])
 
