@@ -41,6 +41,7 @@ class TaskContext:
     seed: int = 0
     data_path: str = ""
     inputs: dict = field(default_factory=dict)  # model.inputs flags: event_types, channels, time_gaps
+    eval_cfg: Any = None  # the recipe's EvalConfig (evaluators read their knobs from it)
 
 
 def stable_hash(text: Any) -> int:
@@ -98,6 +99,10 @@ class Task:
 
     def evaluator(self, stage: str) -> nn.Module:
         raise NotImplementedError
+
+    def train_logs(self) -> dict:
+        """Extra per-step training figures of the last loss() call ({name: tensor}), logged by the module."""
+        return {}
 
     @staticmethod
     def batch_tokens(batch: dict) -> tuple[int, int, int]:
@@ -200,7 +205,7 @@ def build_tasks(cfg, manifest: dict, item_counts: Optional[list[int]] = None) ->
         num_items=int(manifest["num_items"]), max_history=cfg.data.max_history, manifest=manifest,
         item_counts=list(item_counts) if item_counts is not None else [0] * int(manifest["num_items"]),
         ks=tuple(cfg.eval.ks), exclude_seen=cfg.eval.exclude_seen, packing=cfg.data.packing, seed=cfg.run.seed,
-        data_path=str(cfg.data.path), inputs=cfg.model.inputs.model_dump(),
+        data_path=str(cfg.data.path), inputs=cfg.model.inputs.model_dump(), eval_cfg=cfg.eval,
     )
     tasks = [task_class(tc.name)(tc, ctx) for tc in cfg.task]
     out = tasks[0] if len(tasks) == 1 else MultiTask(tasks)

@@ -21,7 +21,7 @@ from ..tasks.base import Task, build_tasks, sub_batch, subtasks
 from . import _test_hooks
 
 #: manifest fields a module needs to rebuild its tasks from a checkpoint (saved in hparams)
-_META = ("num_items", "event_types", "channels", "sample_fields", "source", "stats")
+_META = ("num_items", "event_types", "channels", "sample_fields", "source")
 
 
 def make_task(cfg: Recipe, manifest, item_counts: Optional[list[int]] = None) -> Task:
@@ -118,6 +118,9 @@ class RecModule(L.LightningModule):
         if len(tasks) > 1:
             for name, value in losses.items():
                 self.log(f"train/loss/{name}", value.detach(), on_step=True, on_epoch=False, batch_size=bs)
+        for t in tasks:  # a task's own training figures (e.g. a regulariser's value)
+            for name, value in t.train_logs().items():
+                self.log(name, value, on_step=True, on_epoch=False, batch_size=bs)
         reg = adapter_regularization(self.net.lm)  # AdaLoRA's orthogonality penalty; None otherwise
         if reg is not None:
             self.log("train/orth_reg", reg, on_step=True, on_epoch=False, batch_size=bs)
@@ -182,7 +185,10 @@ class RecModule(L.LightningModule):
         out: dict[str, Any] = {}
         for t in subtasks(self.task):
             m = self.metrics[f"{stage}_{t.name}"]
-            out.update(m.compute())
+            values = m.compute()
+            if self.trainer.is_global_zero and hasattr(m, "log_extra"):  # tables / charts (rank 0 only)
+                m.log_extra(self.loggers, values, int(self.trainer.global_step))
+            out.update(values)
             m.reset()
         # values are already reduced across ranks by torchmetrics
         shown = {k: out.pop(k) for k in (self.monitor()[0],) if k in out}

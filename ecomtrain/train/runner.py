@@ -87,13 +87,16 @@ def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
     return loggers
 
 
-def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool, monitor: tuple[str, str] = ("val/ndcg@10", "max")):
+def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
     from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, TQDMProgressBar
 
     from .checkpointing import AtomicCheckpoint, ResumeState
 
+    from ..tasks import task_class
+
     tc = cfg.trainer
     ck = str(run_dir / "checkpoints")
+    monitor = task_class(cfg.task[0].name).monitor(cfg.eval.ks)  # the primary task's (metric, mode), e.g. val/ndcg@10 max
     cbs = [
         ResumeState(),
         AtomicCheckpoint(
@@ -200,7 +203,7 @@ def train(cfg: Recipe, log=print) -> Path:
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
-        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers), module.monitor()), stop_on_signal],
+        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal],
         plugins=preemption.cluster_plugins(),
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, deterministic=False,
