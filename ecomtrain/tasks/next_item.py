@@ -114,8 +114,10 @@ class NextItemTask(Task):
 
     def __init__(self, cfg=None, ctx: Optional[TaskContext] = None, *, num_items: Optional[int] = None, max_history: Optional[int] = None,
                  label_smoothing: Optional[float] = None, packing: Optional[bool] = None):
-        if isinstance(cfg, int):  # NextItemTask(num_items, max_history=...)
+        if isinstance(cfg, int):  # NextItemTask(num_items, max_history) -- the pre-registry form
             num_items, cfg = cfg, None
+            if isinstance(ctx, int):
+                max_history, ctx = ctx, None
         if ctx is None:  # direct construction (tests, benches): NextItemTask(num_items=..., max_history=...)
             ctx = TaskContext(num_items=num_items, max_history=max_history, manifest={}, item_counts=[0] * num_items)
         super().__init__(cfg, ctx)
