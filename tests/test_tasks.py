@@ -92,6 +92,10 @@ def test_missing_fields_name_task_field_and_dataset(tiny_dataset):
         build_tasks(cfg, m)
     msg = str(exc.value)
     assert "task 'rating'" in msg and "'ratings'" in msg and str(tiny_dataset) in msg and "\n" not in msg
+    no_channels = {**MANIFEST, "channels": []}
+    with pytest.raises(DataError, match="task 'next_item' needs 'channels'.*set model.inputs.channels: false"):
+        build_tasks(validate_tree(tiny_recipe("d", "d", model__inputs={"channels": True})), no_channels)
+    build_tasks(validate_tree(tiny_recipe("d", "d")), no_channels)  # not asked for: fine
     with pytest.raises(DataError, match=r"task 'purchase_intent' needs 'events \['buy'\]'"):
         build_tasks(validate_tree(tiny_recipe(tiny_dataset, tiny_dataset, task={"name": "purchase_intent", "positive_events": ["buy"]})), m)
 

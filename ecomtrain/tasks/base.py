@@ -78,6 +78,10 @@ class Task:
         for f in self.requires:
             if fields is not None and f not in fields:
                 raise DataError(self.missing(f, manifest, "samples carry no such field"))
+        # model.inputs asks for a per-step field the log never filled (all null)
+        for flag, key in (("event_types", "event_types"), ("channels", "channels")):
+            if self.ctx.inputs.get(flag) and key in manifest and not manifest[key]:
+                raise DataError(self.missing(key, manifest, f"no event carries a {key[:-1].replace('_', ' ')}; set model.inputs.{flag}: false"))
 
     def missing(self, what: str, manifest: dict, why: str) -> str:
         src = manifest.get("source") or {}
