@@ -20,7 +20,7 @@ from typing import Optional
 
 import polars as pl
 
-from .importers import DataError, Imported, normalise, register, scan_table
+from .importers import DataError, Imported, imported, register, scan_table
 
 _ML_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -85,7 +85,7 @@ def import_movielens(path: Path, **_) -> Imported:
             df = pl.read_csv(movies, schema_overrides={"movieId": pl.Utf8})
             rows = list(zip(df["movieId"], df["title"], df["genres"].str.replace_all(r"\|", ", ")))
         items = pl.DataFrame(rows, schema={"item": pl.Utf8, "title": pl.Utf8, "category": pl.Utf8}, orient="row")
-    return Imported(normalise(lf, str(ratings)), items, f"movielens {ratings}")
+    return imported(lf, str(ratings), items, f"movielens {ratings}")
 
 
 @register("amazon-reviews")
@@ -135,7 +135,7 @@ def import_amazon_reviews(path: Path, items: Optional[str] = None, **_) -> Impor
         if "price" in mn:  # a number, null, or strings like "None" / "$12.99"
             cols.append(pl.col("price").cast(pl.Utf8).str.replace_all(r"[$,]", "").cast(pl.Float64, strict=False).alias("price"))
         item_df = m.select(cols)
-    return Imported(normalise(ev, str(path)), item_df, f"amazon reviews {path}")
+    return imported(ev, str(path), item_df, f"amazon reviews {path}", items_origin=str(meta) if meta is not None else None)
 
 
 _RR_EVENTS = {"view": "view", "addtocart": "cart", "transaction": "purchase"}
@@ -169,7 +169,7 @@ def import_retailrocket(path: Path, **_) -> Imported:
             .agg(pl.col("value").last().alias("category"))
             .rename({"itemid": "item"})
         )
-    return Imported(normalise(ev, str(events)), items, f"retailrocket {events}")
+    return imported(ev, str(events), items, f"retailrocket {events}")
 
 
 _TAOBAO_EVENTS = {"pv": "view", "cart": "cart", "buy": "purchase", "fav": "fav"}
@@ -191,4 +191,4 @@ def import_taobao(path: Path, **_) -> Imported:
     )
     # the category rides on every event; the catalog keeps the first seen per item
     items = lf.select(pl.col("item").cast(pl.Utf8), pl.col("category").cast(pl.Utf8)).unique("item", keep="any")
-    return Imported(normalise(ev, str(f)), items, f"taobao {f}")
+    return imported(ev, str(f), items, f"taobao {f}")
