@@ -131,7 +131,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .data.inspect import inspect_dataset
 
-    return inspect_dataset(a.dir)
+    return inspect_dataset(a.dir, ranks=a.ranks, workers=a.workers)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -187,6 +187,8 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build)
     i = dsub.add_parser("inspect", help="summarise a built dataset and verify every shard against manifest.json")
     i.add_argument("dir")
+    i.add_argument("--ranks", type=int, default=1, help="also check that the train split feeds this many ranks (one non-empty shard each)")
+    i.add_argument("--workers", type=int, default=1, help="data loader workers per rank for the --ranks check")
     i.set_defaults(fn=cmd_inspect)
 
     t = sub.add_parser("train", help="train, validate and test a recipe; writes RUN_DIR")

@@ -130,12 +130,13 @@ def test_inspect_validates_and_fails_on_mismatch(tmp_path, raw):
     data[600] ^= 0xFF
     victim.write_bytes(bytes(data))
     r = cli("data", "inspect", str(out))
-    assert r.returncode == 1 and "train-000001.tar: sha256 differs" in r.stdout
+    assert r.returncode == 2 and "train-000001.tar: sha256 differs" in r.stdout
+    assert r.stderr.startswith("error: ") and "train-000001.tar" in r.stderr and r.stderr.count("\n") == 1
     m = json.loads((out / "manifest.json").read_text())
     m["splits"]["val"]["shards"][0]["num_samples"] += 1
     (out / "manifest.json").write_text(json.dumps(m))
     r = cli("data", "inspect", str(out))
-    assert r.returncode == 1 and "val-000000.tar" in r.stdout and "manifest.json says" in r.stdout
+    assert r.returncode == 2 and "val-000000.tar" in r.stdout and "manifest.json says" in r.stdout
 
 
 def test_build_options_have_one_definition():

@@ -57,8 +57,14 @@ class Imported:
 def imported(lf: pl.LazyFrame, origin: str, items=None, description: str = "", *, timestamp_format: Optional[str] = None,
              items_origin: Optional[str] = None, default_event: str = "interaction") -> Imported:
     """``normalise(lf)`` wrapped with what later error messages need."""
-    events = normalise(lf, origin, timestamp_format=timestamp_format, default_event=default_event)
-    return Imported(events, items, description, origin=origin, raw=lf, timestamp_format=timestamp_format, items_origin=items_origin)
+    imp = Imported(lf, items, description, origin=origin, raw=lf, timestamp_format=timestamp_format, items_origin=items_origin)
+    try:
+        imp.events = normalise(lf, origin, timestamp_format=timestamp_format, default_event=default_event)
+    except pl.exceptions.NoDataError:
+        raise DataError(f"{origin}: empty file (no rows)") from None
+    except pl.exceptions.PolarsError as exc:  # met while probing the first rows
+        raise translate(exc, origin, imp) from None
+    return imp
 
 
 _IMPORTERS: dict[str, Callable[..., Imported]] = {}
@@ -133,9 +139,31 @@ def translate(exc: BaseException, origin: str, imp: Optional[Imported] = None) -
         found = _find_bad_value(imp)
         if found:
             return DataError(found)
-    if path.suffix.lower() in (".jsonl", ".ndjson", ".json") and ("json" in low or "parse" in low or "eof" in low):
-        return DataError(f"{origin}: not valid JSON lines ({_first_line(exc)})")
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json") and path.is_file():
+        n = _bad_json_line(path)
+        if n is not None:
+            return DataError(f"{origin}: line {n} is not valid JSON ({_first_line(exc)})")
+    m = _PARSE.search(msg)
+    if m:  # the reader met a value its inferred type cannot hold
+        return DataError(f"{origin}: column '{m.group(3)}': value {m.group(1)!r} is not a valid {m.group(2)} (found past the first rows)")
     return DataError(f"{origin}: could not read events: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _bad_json_line(path: Path) -> Optional[int]:
+    """Line number of the first line of a JSON-lines file that does not parse."""
+    import json
+
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError:
+                    return n
+    return None
+
+
+_PARSE = re.compile(r"could not parse `(.*?)` as dtype `(\w+)` at column '([^']*)'")
 
 
 def _find_bad_value(imp: Imported) -> Optional[str]:
@@ -182,6 +210,8 @@ def _ts_expr(col: str, dtype: pl.DataType, fmt: Optional[str]) -> pl.Expr:
         return c.cast(pl.Datetime("us")).dt.epoch("s")
     if dtype == pl.Utf8 and fmt:
         return c.str.strptime(pl.Datetime("us"), fmt, strict=True).dt.epoch("s")
+    if dtype == pl.Utf8:  # CSV columns are read as text: integers exactly, "1.5e9" through a float
+        return pl.coalesce(c.cast(pl.Int64, strict=False), c.cast(pl.Float64, strict=True).cast(pl.Int64))
     if dtype.is_float():
         return c.cast(pl.Int64, strict=True)
     return c.cast(pl.Int64, strict=True)
@@ -259,10 +289,9 @@ def scan_table(path: Path, separator: Optional[str] = None, has_header: bool = T
         return pl.scan_parquet(target)
     if suffix in (".csv", ".tsv", ".txt", ".dat", ".data"):
         sep = separator or ("\t" if suffix == ".tsv" else ",")
-        return pl.scan_csv(
-            target, separator=sep, has_header=has_header, new_columns=new_columns, infer_schema_length=10000,
-            schema_overrides={c: pl.Utf8 for c in (new_columns or [])[:2]} or None,
-        )
+        # every column as text: normalise() casts it and names the row of a bad value
+        # (a type inferred from the first rows would fail later inside the reader)
+        return pl.scan_csv(target, separator=sep, has_header=has_header, new_columns=new_columns, infer_schema=False)
     if suffix in (".jsonl", ".ndjson", ".json"):
         return pl.scan_ndjson(target, infer_schema_length=10000)
     raise DataError(f"{path}: unsupported table format '{suffix}' (use .parquet, .csv, .tsv or .jsonl)")
@@ -292,6 +321,8 @@ def _items_frame(path: Optional[str], columns: Optional[dict] = None) -> Optiona
         if ours != "item" and theirs not in names_ and columns and ours in columns:
             raise DataError(f"{p}: column '{theirs}' (mapped to {ours}) not found; columns are {', '.join(names_)}")
     out = lf.select([pl.col(k).alias(v) for k, v in keep.items()]).with_columns(pl.col("item").cast(pl.Utf8))
+    if "price" in keep.values():
+        out = out.with_columns(pl.col("price").cast(pl.Float64, strict=False))
     check_catalog(out, str(p))
     return out
 

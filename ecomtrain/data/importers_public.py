@@ -60,10 +60,9 @@ def import_movielens(path: Path, **_) -> Imported:
     if name.endswith(".dat"):
         lf = _split_lines(ratings, "::", ["user", "item", "value", "ts"])
     elif name == "u.data" or name.endswith(".data"):
-        lf = pl.scan_csv(ratings, has_header=False, separator="\t", new_columns=["user", "item", "value", "ts"],
-                         schema_overrides={"user": pl.Utf8, "item": pl.Utf8})
+        lf = pl.scan_csv(ratings, has_header=False, separator="\t", new_columns=["user", "item", "value", "ts"], infer_schema=False)
     else:
-        lf = pl.scan_csv(ratings, schema_overrides={"userId": pl.Utf8, "movieId": pl.Utf8}).rename(
+        lf = pl.scan_csv(ratings, infer_schema=False).rename(
             {"userId": "user", "movieId": "item", "rating": "value", "timestamp": "ts"}, strict=False)
     lf = lf.with_columns(event=pl.lit("rating"))
     items = None
@@ -182,9 +181,15 @@ def import_taobao(path: Path, **_) -> Imported:
     if f is None:
         raise DataError(f"taobao: no UserBehavior.csv in {path}")
     cols = ["user", "item", "category", "behavior", "ts"]
+    if f.stat().st_size == 0:
+        raise DataError(f"{f}: empty file")
+    try:
+        width = pl.read_csv(f, has_header=False, n_rows=1, infer_schema=False, encoding="utf8-lossy").width
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"{f}: not a readable CSV file ({exc})") from None
+    if width != 5:
+        raise DataError(f"{f}: expected 5 columns ({','.join(cols)}), got {width}")
     lf = scan_table(f, has_header=False, new_columns=cols)
-    if len(lf.collect_schema().names()) != 5:
-        raise DataError(f"{f}: expected 5 columns ({','.join(cols)}), got {len(lf.collect_schema().names())}")
     ev = lf.select(
         pl.col("user").cast(pl.Utf8), pl.col("item").cast(pl.Utf8), pl.col("ts"),
         pl.col("behavior").replace_strict(_TAOBAO_EVENTS, default=pl.col("behavior")).alias("event"),

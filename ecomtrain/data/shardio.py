@@ -34,3 +34,14 @@ def _iter_shard(path: Path) -> Iterator[dict]:
             if len(data) != member.size:
                 raise EOFError(f"{path}: member '{name}' is cut short ({len(data)} of {member.size} bytes)")
             yield json.loads(data)
+
+
+def balance_shards(shards: list[dict], readers: int) -> list[list[dict]]:
+    """Deal non-empty shards to readers, largest first, to the lightest reader."""
+    buckets: list[list[dict]] = [[] for _ in range(readers)]
+    loads = [0] * readers
+    for sh in sorted((s for s in shards if s["num_samples"] > 0), key=lambda s: (-s["num_samples"], s["name"])):
+        j = min(range(readers), key=lambda k: (loads[k], k))
+        buckets[j].append(sh)
+        loads[j] += sh["num_samples"]
+    return buckets

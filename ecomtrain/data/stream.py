@@ -32,18 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .importers import DataError
-from .shardio import ALLOWED_MEMBERS, _iter_shard  # noqa: F401  (re-exported)
-
-
-def balance_shards(shards: list[dict], readers: int) -> list[list[dict]]:
-    """Deal non-empty shards to readers, largest first, to the lightest reader."""
-    buckets: list[list[dict]] = [[] for _ in range(readers)]
-    loads = [0] * readers
-    for sh in sorted((s for s in shards if s["num_samples"] > 0), key=lambda s: (-s["num_samples"], s["name"])):
-        j = min(range(readers), key=lambda k: (loads[k], k))
-        buckets[j].append(sh)
-        loads[j] += sh["num_samples"]
-    return buckets
+from .shardio import ALLOWED_MEMBERS, _iter_shard, balance_shards  # noqa: F401  (re-exported)
 
 
 class ShardStream(IterableDataset):
@@ -96,8 +85,10 @@ class ShardStream(IterableDataset):
             self.assignment = balance_shards(self.shards, readers)
             if any(not b for b in self.assignment):
                 nonempty = sum(1 for s in self.shards if s["num_samples"] > 0)
+                names = [s["name"] for s in self.shards if s["num_samples"] > 0]
                 raise DataError(
-                    f"{self.root}: split '{split}' has {nonempty} non-empty shards but {world_size} ranks x "
+                    f"{self.root}: split '{split}' is empty for some ranks: {nonempty} non-empty shard(s) "
+                    f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) but {world_size} ranks x "
                     f"{self.num_workers} workers = {readers} readers need one each; rebuild with a smaller "
                     f"shard_max_samples or lower data.num_workers"
                 )
