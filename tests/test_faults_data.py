@@ -307,7 +307,7 @@ def _first_shard(d: Path, split: str = "train") -> Path:
 def shard_truncated(d):
     p = _first_shard(d)
     p.write_bytes(p.read_bytes()[:700])
-    return [], [p.name]
+    return [], [p.name, "700 bytes", "truncated"]
 
 
 def shard_wrong_sha256(d):

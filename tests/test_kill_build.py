@@ -78,13 +78,11 @@ def test_sigkill_build_keeps_previous_dataset_and_leaks_no_raw_id(tmp_path):
     r = _run(_cmd(raw, out, seed=0))
     assert r.returncode == 0, r.stderr
     (out / "notes.txt").write_text("a user's file in DIR\n")
-    fingerprints = {json.loads((out / "manifest.json").read_text())["build"]["fingerprint"]: 0}
 
     t0 = time.monotonic()
     r = _run(_cmd(raw, parent / "measure", seed=99))  # a full build's wall time, process start included
     full = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
-    fingerprints[json.loads((parent / "measure" / "manifest.json").read_text())["build"]["fingerprint"]] = 99
     assert not raw_ids_in(parent)
 
     rng = random.Random(20261126)
@@ -106,7 +104,7 @@ def test_sigkill_build_keeps_previous_dataset_and_leaks_no_raw_id(tmp_path):
         if after != before:
             # it changed: then it is the complete new dataset of this build (seed k)
             assert m["split"] and m["stats"] and m["privacy"]["user_ids"] == "hmac-sha256"
-            assert m["build"]["options"]["seed"] == k, (k, m["build"]["options"]["seed"])
+            assert m.get("build", {}).get("options", {}).get("seed") == k, (k, m.get("build"))
         assert (out / "notes.txt").read_text() == "a user's file in DIR\n"
         assert not (out / ".work").exists()
     # the next build starts by clearing what the killed ones left beside DIR

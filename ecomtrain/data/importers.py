@@ -200,7 +200,7 @@ def check_ids(imp: Imported) -> None:
     for col, n in (("user", counts["u"][0]), ("item", counts["i"][0])):
         if n:
             row = ev.filter(empty(col)).select("_row").head(1).collect(engine="streaming")["_row"][0]
-            raise DataError(f"{imp.origin or imp.description}: column '{col}' row {row + 1} is empty ({n} empty {col} cell(s)); every event needs a {col} id")
+            raise DataError(f"{imp.origin or imp.description}: column '{col}' row {row + 1} is empty ({n} empty {col} cell(s)); every event needs a user and an item id")
 
 
 def _ts_expr(col: str, dtype: pl.DataType, fmt: Optional[str]) -> pl.Expr:
@@ -253,7 +253,7 @@ def _probe(lf: pl.LazyFrame, schema, origin: str, fmt: Optional[str]) -> None:
         v = head[col].cast(pl.Utf8, strict=False)
         bad = v.is_null() | (v.str.len_bytes() == 0)
         if bad.any():
-            raise DataError(f"{origin}: column '{col}' row {int(bad.arg_max()) + 1} is empty; every event needs a {col} id")
+            raise DataError(f"{origin}: column '{col}' row {int(bad.arg_max()) + 1} is empty; every event needs a user and an item id")
     for col in ("ts", "value"):
         if col not in schema or schema[col].is_temporal() or (col == "ts" and fmt):
             continue

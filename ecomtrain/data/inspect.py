@@ -25,6 +25,10 @@ def verify_shards(root: Path, manifest: dict) -> list[str]:
             if not path.is_file():
                 problems.append(f"{path}: missing")
                 continue
+            size, want = path.stat().st_size, sh.get("bytes")
+            if want is not None and size != want:
+                problems.append(f"{path}: {size} bytes, manifest.json says {want} (truncated or replaced)")
+                continue
             if sha256_file(path) != sh.get("sha256"):
                 problems.append(f"{path}: sha256 differs from manifest.json")
                 continue
