@@ -383,8 +383,8 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         tick[0] = now
 
     # 1. stage into hash partitions of users (one streaming pass over the input)
-    check_ids(imp)  # an empty user/item cell anywhere (the importer probed the first rows only)
-    n_raw = ev.select(pl.len()).collect(engine="streaming").item()
+    # counts, and finds an empty user/item cell anywhere (the importer probed the first rows only)
+    n_raw = check_ids(imp, ev)
     if n_raw == 0:
         raise DataError(f"{imp.description}: no events" + (f" of types {o['event_types']}" if o["event_types"] else ""))
     if o["pseudonymise_users"]:
