@@ -395,3 +395,29 @@ def test_stream_refuses_pickle_and_names_missing_shard(good, tmp_path):
 
 def test_matrix_size():
     assert len(BUILD_ROWS) + len(SHARD_ROWS) >= 20
+
+
+def shard_digit_altered(d):
+    """One digit inside a sample changed: still valid JSON and tar, same size; only the sha256 tells."""
+    p = _first_shard(d, "val")
+    data = bytearray(p.read_bytes())
+    i = data.index(b'"items":[') + len(b'"items":[')
+    data[i] = ord("1") if data[i] != ord("1") else ord("2")
+    p.write_bytes(bytes(data))
+    return [], [p.name, "sha256 differs"]
+
+
+@pytest.mark.parametrize("row", [shard_truncated, shard_digit_altered], ids=lambda f: f.__name__)
+def test_stream_names_a_damaged_shard(row, good, tmp_path):
+    """The training reader fails on a truncated or altered shard with one line naming it (default max_corrupt_fraction=0)."""
+    from ecomtrain.data.importers import DataError
+    from ecomtrain.data.stream import ShardStream
+
+    d = _dir_with_user_files(good, tmp_path)
+    split = "val" if row is shard_digit_altered else "train"
+    names = row(d)[1]
+    s = ShardStream(d, split, _manifest(d), collate=lambda b: {"n": len(b)}, batch_size=4, mode="eval")
+    with pytest.raises(DataError) as e:
+        list(s)
+    msg = str(e.value)
+    assert names[0] in msg and "\n" not in msg and ("sha256 differs" in msg if row is shard_digit_altered else "truncated" in msg), msg
