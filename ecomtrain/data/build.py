@@ -293,7 +293,7 @@ def _roll_forward(tmp: Path, out: Path, old: Path) -> None:
 
 def recover(out: str | Path, log=print) -> None:
     """Finish or undo what a killed build left next to ``out`` (OUT.tmp-*, OUT.old-*, OUT/.work)."""
-    out = Path(out)
+    out = Path(out).resolve()
     if not out.parent.is_dir():
         return
     olds, tmps = _siblings(out, "old"), _siblings(out, "tmp")
@@ -342,7 +342,7 @@ def build(imp: Imported, out: str | Path, cfg: BuildConfig | dict | None = None,
     cfg = as_build_config(cfg, **options)
     if cfg.pseudonymise_users:
         pseudonymise(pl.Series(["probe"]), cfg.pseudonym_key_env)  # fail before any work if the key is missing
-    out = Path(out)
+    out = Path(out).resolve()  # "." or a symlink: the sibling folders go next to the real folder
     recover(out, log)
     _check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
