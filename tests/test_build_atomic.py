@@ -151,3 +151,23 @@ def test_fingerprint_sees_a_changed_input_and_old_manifests(tmp_path, raw):
     with pytest.raises(DataError, match="has no build fingerprint"):
         ensure_dataset(_recipe(ds, src), log=lambda *_: None)
     assert ensure_dataset(_recipe(ds, src, "auto"), log=lambda *_: None)["num_users"] > 0
+
+
+def test_train_refuses_a_stale_dataset_cli(tmp_path, raw):
+    """`ecomtrain train` on a data.path built with other options: exit 2, one line naming data.path and the options."""
+    ds = tmp_path / "ds"
+    assert cli("data", "build", "--source", "synth", "--input", str(raw), "--out", str(ds)).returncode == 0
+    before = _tree(ds)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"run: {{name: t, out_dir: {tmp_path / 'runs'}}}\n"
+        f"data:\n  path: {ds}\n  build: {{source: synth, input: {raw}, min_user_events: 4}}\n"
+        "trainer: {accelerator: cpu, max_epochs: 1}\nlogging: {wandb: {enabled: false}}\n"
+    )
+    r = subprocess.run([sys.executable, "-m", "ecomtrain.cli", "train", str(recipe)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: data.path {ds} holds a dataset built with other options"), r.stderr
+    # exactly the one differing option: the input (same files, given as the same path) is not reported
+    assert "than data.build: min_user_events: 3 -> 4; set data.rebuild=auto" in lines[0], lines[0]
+    assert _tree(ds) == before and not (tmp_path / "runs").exists()

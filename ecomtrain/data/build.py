@@ -197,7 +197,10 @@ def input_identity(path: Optional[str]) -> Optional[dict]:
 
 def fingerprint(cfg: BuildConfig) -> dict:
     """manifest.json's ``build`` block: canonical options, input identity, and the sha256 of both."""
-    body = {"options": cfg.identity(), "input": input_identity(cfg.input)}
+    options = cfg.identity()
+    if options["input"] is not None:  # the same files, whatever the working folder the path was given from
+        options["input"] = str(Path(options["input"]).resolve())
+    body = {"options": options, "input": input_identity(cfg.input)}
     canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
     return {**body, "fingerprint": hashlib.sha256(canon.encode()).hexdigest()}
 
