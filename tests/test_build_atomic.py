@@ -83,7 +83,7 @@ def test_reader_finishes_a_swap_killed_midway(tmp_path, raw, moved):
     token = f"{_dead_pid()}-abcd1234"
     tmp, old = tmp_path / f"ds.tmp-{token}", tmp_path / f"ds.old-{token}"
     shutil.move(str(new_dir), tmp)
-    # replay _roll_forward's first steps by hand, as a kill would leave them
+    # replay roll_forward's first steps by hand, as a kill would leave them
     old.mkdir()
     os.replace(out / "manifest.json", old / "manifest.json")
     names = sorted(p.name for p in tmp.iterdir() if p.name != "manifest.json")

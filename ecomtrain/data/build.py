@@ -23,7 +23,7 @@ and streaming where it matters; raw events never become Python objects):
 
 Atomicity: everything is written into a sibling folder ``OUT.tmp-<pid>-<token>``
 (its work files in ``OUT.tmp-*/.work``) and moved into OUT only after success
-(see :func:`_roll_forward`), so OUT holds the old dataset or the new one, never a
+(see :mod:`ecomtrain.data.outdir`), so OUT holds the old dataset or the new one, never a
 mix, and files in OUT that the dataset does not list are never touched. Raw
 user ids never reach the disk when ``pseudonymise_users`` is on: they are
 replaced by their HMAC before the staging pass writes anything.
@@ -35,7 +35,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 import tarfile
@@ -49,6 +48,7 @@ import polars as pl
 from .. import __version__
 from ..config import BuildConfig
 from .importers import DataError, Imported, check_ids, translate
+from .outdir import check_out, recover, roll_forward
 from .samples import check_leakage, make_samples, pseudonymise, split_positions
 
 SCHEMA_VERSION = 1
@@ -57,7 +57,6 @@ SPLITS = ("train", "val", "test")
 FUNNEL = {"view": 0, "click": 1, "fav": 2, "cart": 3, "purchase": 4}
 DEDUP_COLS = ["user", "item", "ts", "event", "channel", "value"]
 DEFAULT_KEY_ENV = "ECOMTRAIN_PSEUDONYM_KEY"
-SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 
 
 def sha256_file(path: Path) -> str:
@@ -220,118 +219,6 @@ def fingerprint_diff(manifest: dict, cfg: BuildConfig) -> list[str]:
     return diffs or ["fingerprint differs"]
 
 
-# ------------------------------------------------------------- atomic output
-def _listed(d: Path) -> set[str]:
-    """Names the dataset whose manifest.json is in ``d`` owns (empty without one)."""
-    mf = d / "manifest.json"
-    try:
-        m = json.loads(mf.read_text())
-    except (OSError, ValueError):
-        return set()
-    names = {"manifest.json", m.get("item_file", "items.parquet")}
-    for info in (m.get("splits") or {}).values():
-        names.update(sh["name"] for sh in info.get("shards", []))
-    return names
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own leftovers cannot be in use: a build cleans up when it returns
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _siblings(out: Path, kind: str) -> dict[str, Path]:
-    """token -> folder for OUT.<kind>-<pid>-<token> of builds that are not running any more."""
-    found = {}
-    for p in out.parent.glob(f"{glob_escape(out.name)}.{kind}-*-*"):
-        m = re.fullmatch(re.escape(out.name) + rf"\.{kind}-(\d+)-([0-9a-f]+)", p.name)
-        if m and p.is_dir() and not _alive(int(m.group(1))):
-            found[f"{m.group(1)}-{m.group(2)}"] = p
-    return found
-
-
-def glob_escape(name: str) -> str:
-    import glob
-
-    return glob.escape(name)
-
-
-def _move(src: Path, dst: Path) -> None:
-    try:
-        os.replace(src, dst)
-    except FileNotFoundError:  # a concurrent recovery moved it already
-        pass
-
-
-def _roll_forward(tmp: Path, out: Path, old: Path) -> None:
-    """Move the finished dataset in ``tmp`` into ``out``; the old one goes to ``old`` (then removed).
-
-    Idempotent, so a build killed anywhere in here is finished by the next
-    build or reader (:func:`recover`). ``out/manifest.json`` leaves first and
-    the new one arrives last (the commit point): while the two folders trade
-    files (milliseconds: renames only) OUT has no manifest and no reader takes
-    it for a dataset. Files OUT holds that neither manifest lists stay put.
-    """
-    new = _listed(tmp)
-    out.mkdir(parents=True, exist_ok=True)
-    old.mkdir(exist_ok=True)
-    if (out / "manifest.json").exists():
-        _move(out / "manifest.json", old / "manifest.json")
-    for n in sorted(_listed(old) - new - {"manifest.json"}):
-        if (out / n).exists():
-            _move(out / n, old / n)
-    for n in sorted(new - {"manifest.json"}):
-        if (tmp / n).exists():
-            _move(tmp / n, out / n)
-    _move(tmp / "manifest.json", out / "manifest.json")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover(out: str | Path, log=print) -> None:
-    """Finish or undo what a killed build left next to ``out`` (OUT.tmp-*, OUT.old-*, OUT/.work)."""
-    out = Path(out).resolve()
-    if not out.parent.is_dir():
-        return
-    olds, tmps = _siblings(out, "old"), _siblings(out, "tmp")
-    for tok, old in olds.items():
-        tmp = tmps.pop(tok, None)
-        if tmp is not None and (tmp / "manifest.json").is_file():
-            log(f"finishing an interrupted dataset swap into {out}")
-            _roll_forward(tmp, out, old)  # the swap had started: finish it
-        else:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)  # the swap had finished: only cleanup remained
-    for tmp in tmps.values():  # a build that never reached the swap: OUT is untouched
-        shutil.rmtree(tmp, ignore_errors=True)
-    # written by ecomtrain < 0.2 inside OUT (it held raw user ids)
-    shutil.rmtree(out / ".work", ignore_errors=True)
-    if (out / "manifest.json.tmp").is_file():
-        (out / "manifest.json.tmp").unlink()
-
-
-def _check_out(out: Path) -> None:
-    """Refuse, before any work, an OUT whose files the build would overwrite but did not write."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out}: exists and is not a folder")
-    if not out.is_dir():
-        return
-    if (out / "manifest.json").exists() and not _listed(out):
-        raise DataError(f"{out / 'manifest.json'}: not a readable ecomtrain manifest; move it away (the build will not overwrite it)")
-    owned = _listed(out)
-    for p in sorted(out.iterdir()):
-        if p.name not in owned and (SHARD_NAME.match(p.name) or p.name == "items.parquet"):
-            raise DataError(f"{p}: not part of the dataset in {out} (manifest.json does not list it); "
-                            f"move it away, the build never overwrites files it did not write")
-
-
 def build(imp: Imported, out: str | Path, cfg: BuildConfig | dict | None = None, *, source: Optional[dict] = None,
           log=print, **options) -> dict:
     """Build the dataset of ``imp`` into ``out`` with the validated build options.
@@ -347,7 +234,7 @@ def build(imp: Imported, out: str | Path, cfg: BuildConfig | dict | None = None,
         pseudonymise(pl.Series(["probe"]), cfg.pseudonym_key_env)  # fail before any work if the key is missing
     out = Path(out).resolve()  # "." or a symlink: the sibling folders go next to the real folder
     recover(out, log)
-    _check_out(out)
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     token = f"{os.getpid()}-{secrets.token_hex(4)}"
     tmp = out.parent / f"{out.name}.tmp-{token}"
@@ -360,8 +247,8 @@ def build(imp: Imported, out: str | Path, cfg: BuildConfig | dict | None = None,
         except pl.exceptions.PolarsError as exc:
             raise translate(exc, imp.origin or imp.description, imp) from None
         shutil.rmtree(tmp / ".work", ignore_errors=True)
-        _check_out(out)  # nothing foreign appeared while we built
-        _roll_forward(tmp, out, out.parent / f"{out.name}.old-{token}")
+        check_out(out)  # nothing foreign appeared while we built
+        roll_forward(tmp, out, out.parent / f"{out.name}.old-{token}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(
