@@ -76,10 +76,12 @@ def ensure_dataset(cfg: Recipe, log=print) -> dict:
         return m
     if global_rank() != 0:
         for _ in range(3600):  # rank 0 builds; the others wait (up to 1 h) for a dataset that matches
-            if (root / "manifest.json").is_file():
-                m = B.load_manifest(root)
-                if not stale(m):
-                    return m
+            try:
+                m = B.load_manifest(root) if (root / "manifest.json").is_file() else None
+            except B.DataError:  # caught inside rank 0's swap (manifest moved out for milliseconds)
+                m = None
+            if m is not None and not stale(m):
+                return m
             time.sleep(1)
         raise TimeoutError(f"waited 1 h for rank 0 to build {root}")
     if (root / "manifest.json").is_file():
