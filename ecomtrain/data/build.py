@@ -31,6 +31,7 @@ replaced by their HMAC before the staging pass writes anything.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
@@ -188,8 +189,12 @@ def input_identity(path: Optional[str]) -> Optional[dict]:
     if path is None:
         return None
     p = Path(path)
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else sorted(
-        Path(f) for f in __import__("glob").glob(str(path)))
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+    else:  # a glob
+        files = sorted(Path(f) for f in glob.glob(str(path)))
     st = [f.stat() for f in files]
     return {"files": len(st), "bytes": sum(x.st_size for x in st), "mtime_ns": max((x.st_mtime_ns for x in st), default=0)}
 
@@ -248,9 +253,12 @@ def build(imp: Imported, out: str | Path, cfg: BuildConfig | dict | None = None,
             raise translate(exc, imp.origin or imp.description, imp) from None
         shutil.rmtree(tmp / ".work", ignore_errors=True)
         check_out(out)  # nothing foreign appeared while we built
-        roll_forward(tmp, out, out.parent / f"{out.name}.old-{token}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # OUT was never touched
+        raise
+    # From here a failure leaves tmp and OUT.old-* for recover() to roll forward:
+    # deleting tmp now could lose the new dataset after the old one moved out.
+    roll_forward(tmp, out, out.parent / f"{out.name}.old-{token}")
     log(
         f"built {out}: {manifest['num_users']} users, {manifest['num_items']} items, "
         + ", ".join(f"{s} {manifest['splits'][s]['num_samples']} samples in {len(manifest['splits'][s]['shards'])} shards" for s in SPLITS)
