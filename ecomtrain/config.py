@@ -144,6 +144,7 @@ class ModelConfig(_Section):
 class TaskConfig(_Section):
     name: Literal["next_item"] = "next_item"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    consistency_weight: float = Field(0.0, ge=0, description="Weight of the time-consistency regulariser: symmetric KL between the item distributions predicted from consecutive prefixes of a user's history (0 = off).")
 
 
 class LoraConfig(_Section):
@@ -324,6 +325,11 @@ class TrainerConfig(_Section):
 class EvalConfig(_Section):
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     exclude_seen: bool = Field(False, description="Primary protocol: drop the user's history items from the ranking. Both are reported.")
+    score_memory_mb: float = Field(256.0, gt=0, description="Memory budget for scoring the catalog in chunks (batch x chunk floats); bounds eval and recommend on large catalogs.")
+    beyond_accuracy: bool = Field(True, description="Also report coverage@K, gini@K, ild@K, novelty@K and HR/NDCG by item-popularity and user-activity bucket.")
+    consistency: bool = Field(True, description="Test split: channel and time consistency of the top-K lists (extra forward passes: ~2 + channels per batch).")
+    consistency_k: int = Field(10, gt=0, description="List length K for Jaccard@K and RBO@K.")
+    sample_users: int = Field(8, ge=0, description="Rows of the W&B table of sample users (history -> top-10, hits marked) per evaluation; 0 = off.")
 
 
 class WandbConfig(_Section):

@@ -122,6 +122,8 @@ class NextItemTask:
             "lengths": torch.tensor([max(1, len(h)) for h in hist]),
             "target": torch.tensor([s["target"] for s in samples], dtype=torch.long),
             "seen": _pad([s["items"] for s in samples]),
+            # aligned with "seen" (indices into manifest["channels"]); used by consistency metrics
+            "channels": _pad([s.get("channels") or [0] * len(s["items"]) for s in samples]),
         }
 
     # -- loss and scores (``net`` is a model.backbone.ItemLM)

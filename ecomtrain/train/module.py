@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import Recipe
-from ..metrics import RankingMetrics
+from ..serve.evaluation import EvalSuite, log_to_wandb
 from ..model.adapters import adapter_regularization, apply_finetune_method, check_method_supported
 from ..model.backbone import ItemLM, build_causal_lm
 from ..tasks.next_item import NextItemTask
@@ -47,13 +47,18 @@ def module_for_dataset(cfg: Recipe, manifest: dict) -> "RecModule":
 
     from ..config import redact
 
-    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"])
-    counts = items.sort("idx")["train_count"].to_list()
-    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts)
+    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet")).sort("idx")
+    counts = items["train_count"].to_list()
+    # category codes (intra-list diversity) and titles (W&B sample table); both optional in a catalog
+    cats = items["category"].cast(pl.Utf8).cast(pl.Categorical).to_physical().fill_null(-1).to_list() if "category" in items.columns else None
+    titles = items["title"].cast(pl.Utf8).to_list() if "title" in items.columns else None
+    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts,
+                     item_category=cats, item_titles=titles, channels=manifest.get("channels") or [])
 
 
 class RecModule(L.LightningModule):
-    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None):
+    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None,
+                 item_category: Optional[list[int]] = None, item_titles: Optional[list] = None, channels: Optional[list] = None):
         super().__init__()
         # only the (secret-free) recipe and vocabulary size go into checkpoints
         self.save_hyperparameters({"recipe": recipe, "num_items": num_items})
@@ -65,10 +70,12 @@ class RecModule(L.LightningModule):
         self.register_buffer("popularity", counts, persistent=False)
         self.net: Optional[ItemLM] = None
         self.primary_excludes_seen = self.cfg.eval.exclude_seen
-        ks = self.cfg.eval.ks
-        self.metrics = nn.ModuleDict(
-            {f"{stage}_{proto}": RankingMetrics(ks) for stage in ("val", "test") for proto in ("main", "alt", "pop")}
-        )
+        cat = torch.tensor(item_category, dtype=torch.long) if item_category is not None else None
+        # one EvalSuite per stage: ranking (chunked, bounded memory), beyond-accuracy, consistency
+        self.metrics = nn.ModuleDict({
+            stage: EvalSuite(self.cfg.eval, num_items, self.cfg.data.max_history, counts, stage, cat, channels or [], item_titles)
+            for stage in ("val", "test")
+        })
 
     # -- model
     def configure_model(self) -> None:
@@ -137,16 +144,7 @@ class RecModule(L.LightningModule):
         _test_hooks.maybe_crash(self.trainer)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
-        scores = self.task.scores(self.net, batch)
-        target, weight = batch["target"] - 1, batch.get("weight")
-        excl = NextItemTask.mask_seen(scores, batch["seen"])
-        main, alt = (excl, scores) if self.primary_excludes_seen else (scores, excl)
-        self.metrics[f"{stage}_main"].update(main, target, weight)
-        self.metrics[f"{stage}_alt"].update(alt, target, weight)
-        pop = self.popularity.unsqueeze(0).expand(len(target), -1)
-        if self.primary_excludes_seen:
-            pop = NextItemTask.mask_seen(pop, batch["seen"])
-        self.metrics[f"{stage}_pop"].update(pop, target, weight)
+        self.metrics[stage].update(self.net, batch, self.popularity)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -155,12 +153,11 @@ class RecModule(L.LightningModule):
         self._eval_step(batch, "test")
 
     def _log_eval(self, stage: str) -> None:
-        alt_name = "incl_seen" if self.primary_excludes_seen else "excl_seen"
-        out: dict[str, Any] = {}
-        for proto, prefix in (("main", f"{stage}/"), ("alt", f"{stage}/{alt_name}/"), ("pop", f"baseline/popularity/{stage}/")):
-            m = self.metrics[f"{stage}_{proto}"]
-            out.update({prefix + k: v for k, v in m.compute().items()})
-            m.reset()
+        suite = self.metrics[stage]
+        out: dict[str, Any] = suite.compute(stage)
+        if self.trainer.is_global_zero and self.cfg.eval.sample_users:
+            log_to_wandb(self.loggers, stage, suite, out, int(self.trainer.global_step))
+        suite.reset()
         # values are already reduced across ranks by torchmetrics
         shown = {k: out.pop(k) for k in ("val/ndcg@10",) if k in out}
         self.log_dict(out, sync_dist=False)
