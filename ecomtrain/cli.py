@@ -6,6 +6,7 @@
     ecomtrain train recipes/quickstart.yaml [dotted.key=value ...]
     ecomtrain eval runs/quickstart-... [--split test] [--ckpt best|last|PATH]
     ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH] [--merge]
+    ecomtrain recommend runs/quickstart-... --split test --k 20 --out recs.parquet
 
 Heavy imports (torch, lightning) happen inside the verbs so that ``--help``
 and recipe validation answer at once.
@@ -212,6 +213,10 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace a non-empty --out")
     x.add_argument("--merge", action="store_true", help="adapter runs: fold the adapter into the weights (a plain model; adapter/ is still written)")
     x.set_defaults(fn=cmd_export)
+
+    from .serve.cli import add_parser as add_recommend
+
+    add_recommend(sub)
     return p
 
 
