@@ -135,3 +135,24 @@ def update_from_batch(metric: ConsistencyMetric, top_lists, batch: dict, channel
         for b in range(a + 1, len(channels)):
             (ra, ha), (rb, hb) = per[a], per[b]
             metric.update(f"consistency/channel/{channels[a]}~{channels[b]}", ra, rb, w[rows] * (ha & hb))
+
+
+def prefix_kl(logits: torch.Tensor, mask: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Consistency regulariser: mean symmetric KL between the item distributions predicted after
+    consecutive prefixes (positions t and t+1) of the same history.
+
+    ``logits`` are the rows of ``mask.nonzero()`` in row-major order (what ``logits[mask]`` gives),
+    so no [B, T, N] tensor beyond the one the loss already holds is built. 0 when no pair exists.
+    """
+    pos = mask.nonzero()
+    if len(pos) < 2:
+        return logits.sum() * 0.0
+    pair = (pos[1:, 0] == pos[:-1, 0]) & (pos[1:, 1] == pos[:-1, 1] + 1)
+    if position_ids is not None:  # packed rows: a restart of positions starts another user's segment
+        p = position_ids[mask]
+        pair &= p[1:] == p[:-1] + 1
+    if not bool(pair.any()):
+        return logits.sum() * 0.0
+    lp = torch.log_softmax(logits.float(), -1)
+    a, b = lp[:-1][pair], lp[1:][pair]
+    return 0.5 * ((a.exp() * (a - b)).sum(-1) + (b.exp() * (b - a)).sum(-1)).mean()

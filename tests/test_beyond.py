@@ -54,3 +54,19 @@ def test_beyond_values_and_sum_states():
     assert c.compute()["x/jaccard@3"].item() == pytest.approx(0.5)
     assert c.compute()["x/users"].item() == 2
     assert math.isclose(c.compute()["x/rbo@3"].item(), 0.5, rel_tol=1e-6)
+
+
+def test_prefix_kl_regulariser():
+    from ecomtrain.consistency import prefix_kl
+
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    same = torch.randn(1, 5).expand(4, 5)  # identical distributions at every position: KL 0
+    assert prefix_kl(same, mask).item() == pytest.approx(0.0, abs=1e-6)
+    logits = torch.randn(4, 5, requires_grad=True)
+    kl = prefix_kl(logits, mask)
+    # only (row0,t0)-(row0,t1) and (row0,t1)-(row0,t2) are pairs; row 1's position is not paired with row 0's
+    lp = torch.log_softmax(logits.detach(), -1)
+    sym = lambda a, b: 0.5 * ((a.exp() * (a - b)).sum() + (b.exp() * (b - a)).sum())
+    assert kl.item() == pytest.approx(((sym(lp[0], lp[1]) + sym(lp[1], lp[2])) / 2).item(), rel=1e-5)
+    kl.backward()
+    assert logits.grad[3].abs().sum() == 0 and logits.grad[0].abs().sum() > 0

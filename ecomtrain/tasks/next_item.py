@@ -86,8 +86,11 @@ def pack_rows(inputs: list[list[int]], labels: list[list[int]], max_width: int) 
 class NextItemTask:
     name = "next_item"
 
-    def __init__(self, num_items: int, max_history: int, label_smoothing: float = 0.0, packing: bool = False):
+    def __init__(self, num_items: int, max_history: int, label_smoothing: float = 0.0, packing: bool = False,
+                 consistency_weight: float = 0.0):
         self.num_items = num_items
+        self.consistency_weight = consistency_weight  # task.consistency_weight (see consistency.prefix_kl)
+        self.last_consistency = None
         self.max_history = max_history
         self.label_smoothing = label_smoothing
         self.packing = packing
@@ -134,8 +137,16 @@ class NextItemTask:
         """
         labels = batch["labels"]
         mask = labels > 0
-        logits = net.item_logits(net.hidden(batch["items"], position_ids=batch.get("position_ids"))[mask])
-        return F.cross_entropy(logits.float(), labels[mask] - 1, label_smoothing=self.label_smoothing)
+        pos = batch.get("position_ids")
+        logits = net.item_logits(net.hidden(batch["items"], position_ids=pos)[mask])
+        loss = F.cross_entropy(logits.float(), labels[mask] - 1, label_smoothing=self.label_smoothing)
+        if self.consistency_weight > 0:
+            from ..consistency import prefix_kl
+
+            # packed rows: consecutive slots of different users are no pair (position_ids restart)
+            self.last_consistency = prefix_kl(logits, mask, pos)
+            loss = loss + self.consistency_weight * self.last_consistency
+        return loss
 
     def scores(self, net, batch: dict) -> torch.Tensor:
         """Item scores [B, N] at each user's last history position."""

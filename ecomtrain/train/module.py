@@ -24,7 +24,8 @@ from . import _test_hooks
 
 def make_task(cfg: Recipe, num_items: int) -> NextItemTask:
     if cfg.task.name == "next_item":
-        return NextItemTask(num_items, cfg.data.max_history, cfg.task.label_smoothing, packing=cfg.data.packing)
+        return NextItemTask(num_items, cfg.data.max_history, cfg.task.label_smoothing, packing=cfg.data.packing,
+                            consistency_weight=cfg.task.consistency_weight)
     raise ValueError(f"task.name: unknown task '{cfg.task.name}'")
 
 
@@ -97,6 +98,8 @@ class RecModule(L.LightningModule):
         if not self._loss_finite_everywhere(loss):
             return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
+        if self.task.consistency_weight > 0 and self.task.last_consistency is not None:
+            self.log("train/consistency_kl", self.task.last_consistency.detach(), on_step=True, on_epoch=False, batch_size=len(batch["items"]))
         reg = adapter_regularization(self.net.lm)  # AdaLoRA's orthogonality penalty; None otherwise
         if reg is not None:
             self.log("train/orth_reg", reg, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
