@@ -151,7 +151,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .train.evaluate import evaluate
 
-    metrics = evaluate(a.run_dir, split=a.split, ckpt=a.ckpt, overrides=a.overrides)
+    metrics = evaluate(a.run_dir, split=a.split, ckpt=a.ckpt, overrides=a.overrides, against=a.against)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -203,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run's recipe (e.g. data.path=...)")
     e.add_argument("--split", default="test", choices=["val", "test"])
     e.add_argument("--ckpt", default="best", help="best, last, or a checkpoint path")
+    e.add_argument("--against", help="another run folder, checkpoint or export (same catalog): also report run consistency (Jaccard/RBO/churn of top-K)")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a Hugging Face folder (safetensors, tokenizer, item_vocab.json) from a run's checkpoint")

@@ -156,3 +156,20 @@ def prefix_kl(logits: torch.Tensor, mask: torch.Tensor, position_ids: Optional[t
     lp = torch.log_softmax(logits.float(), -1)
     a, b = lp[:-1][pair], lp[1:][pair]
     return 0.5 * ((a.exp() * (a - b)).sum(-1) + (b.exp() * (b - a)).sum(-1)).mean()
+
+
+def run_agreement(rec_a, rec_b, histories: list[list[int]], k: int = 10, batch_size: int = 256) -> dict[str, float]:
+    """Across runs: mean Jaccard@K / RBO@K of two models' top-K (seen excluded) for the same users,
+    and churn@K = 1 - Jaccard@K. ``rec_a``/``rec_b`` are ``serve.Recommender``s over one catalog."""
+    if rec_a.item_ids != rec_b.item_ids:
+        raise ValueError("the two models rank different catalogs; run agreement needs the same items")
+    jac = rb = 0.0
+    n = 0
+    for (va, ia), (vb, ib) in zip(rec_a.rank_indices(histories, k, True, None, batch_size),
+                                  rec_b.rank_indices(histories, k, True, None, batch_size)):
+        a = torch.where(torch.isfinite(va), ia, torch.full_like(ia, -1))
+        b = torch.where(torch.isfinite(vb), ib, torch.full_like(ib, -1))
+        jac += float(jaccard(a, b).sum())
+        rb += float(rbo(a, b).sum())
+        n += len(a)
+    return {f"jaccard@{k}": jac / max(1, n), f"rbo@{k}": rb / max(1, n), f"churn@{k}": 1 - jac / max(1, n), "users": float(n)}

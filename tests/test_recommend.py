@@ -197,3 +197,18 @@ def test_metrics_json_and_wandb_table(run):
     assert all(row[3] == int("*" in row[1]) for row in t["data"])  # hit marked iff the target is starred
     record = next(runs[0].glob("*.wandb")).read_bytes()
     assert b"test/sample_users" in record and b"test/ndcg@10_by_pop_bucket" in record
+
+
+def test_eval_run_agreement(run, tiny_dataset, tmp_path):
+    """Across runs: a model against itself agrees fully; against another seed it churns."""
+    from ecomtrain.config import validate_tree
+    from ecomtrain.train.evaluate import evaluate
+    from ecomtrain.train.runner import train
+
+    same = evaluate(str(run), split="test", ckpt="last", against=str(run / "checkpoints" / "last.ckpt"))
+    assert same["test/consistency/runs/jaccard@10"] == 1.0 and same["test/consistency/runs/churn@10"] == 0.0
+    assert same["test/consistency/runs/rbo@10"] == pytest.approx(1.0)
+    other = train(validate_tree(tiny_recipe(tiny_dataset, tmp_path / "seed1", run__seed=1)), log=lambda *_: None)
+    diff = evaluate(str(run), split="test", ckpt="last", against=str(other))
+    assert 0 <= diff["test/consistency/runs/jaccard@10"] < 1 and diff["test/consistency/runs/churn@10"] > 0
+    assert diff["test/consistency/runs/users"] == same["test/consistency/runs/users"] > 0
