@@ -51,7 +51,7 @@ def _child(a: argparse.Namespace) -> dict:
     t1 = time.time()
     try:
         with torch.no_grad():
-            while done < users:
+            while done < users and (a.max_seconds <= 0 or time.time() - t1 < a.max_seconds):
                 b = min(a.batch_size, users - done)
                 items = torch.randint(1, a.items + 1, (b, a.history), generator=g)
                 lengths = torch.full((b,), a.history)
@@ -69,19 +69,20 @@ def _child(a: argparse.Namespace) -> dict:
                 done += b
                 if a.child == "chunked" and done % (50 * a.batch_size) == 0:
                     print(f"[chunked] {done}/{users} users, {done / (time.time() - t1):.0f} users/s", file=sys.stderr, flush=True)
-        out["status"] = "ok"
+        out["status"] = "ok" if done == users else f"stopped after --max-seconds {a.max_seconds:g}"
     except (RuntimeError, MemoryError) as exc:
         out["status"] = "out_of_memory"
         out["error"] = str(exc).splitlines()[0][:200]
     wall = time.time() - t1
     out.update(users_done=done, score_seconds=round(wall, 1), users_per_s=round(done / wall, 1) if done else 0.0,
+               projected_seconds_all_users=round(users * wall / done) if done else None,
                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     return out
 
 
 def _spawn(a: argparse.Namespace, variant: str, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--batch-size", str(batch)]
-    for key in ("items", "users", "naive_users", "history", "k", "budget_mb", "threads", "mem_cap_gb"):
+    for key in ("items", "users", "naive_users", "history", "k", "budget_mb", "threads", "mem_cap_gb", "max_seconds"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(a, key))]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--budget-mb", type=float, default=256.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--mem-cap-gb", type=float, default=4.0)
+    ap.add_argument("--max-seconds", type=float, default=0, help="chunked: stop scoring after this long and report users/s (0 = all users)")
     ap.add_argument("--out")
     ap.add_argument("--child", choices=["chunked", "naive"])
     a = ap.parse_args()
