@@ -70,3 +70,17 @@ def test_prefix_kl_regulariser():
     assert kl.item() == pytest.approx(((sym(lp[0], lp[1]) + sym(lp[1], lp[2])) / 2).item(), rel=1e-5)
     kl.backward()
     assert logits.grad[3].abs().sum() == 0 and logits.grad[0].abs().sum() > 0
+
+
+def test_prefix_kl_packed_rows_pair_only_within_a_segment():
+    from ecomtrain.consistency import prefix_kl
+
+    # one packed row: user A at slots 0-1, user B at slots 2-3 (positions restart at 0)
+    mask = torch.tensor([[True, True, True, True]])
+    pos = torch.tensor([[0, 1, 0, 1]])
+    logits = torch.randn(4, 6)
+    lp = torch.log_softmax(logits, -1)
+    sym = lambda a, b: 0.5 * ((a.exp() * (a - b)).sum() + (b.exp() * (b - a)).sum())
+    want = (sym(lp[0], lp[1]) + sym(lp[2], lp[3])) / 2  # not (1, 2): different users
+    assert prefix_kl(logits, mask, pos).item() == pytest.approx(want.item(), rel=1e-5)
+    assert prefix_kl(logits, mask).item() != pytest.approx(want.item(), rel=1e-5)
