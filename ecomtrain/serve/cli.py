@@ -108,7 +108,7 @@ def run(a: argparse.Namespace) -> int:
             print(f"note: {n_unknown} unknown item id(s) ignored (e.g. {examples}); "
                   f"{len(idx) - len(keep)} user(s) without a known item skipped", file=sys.stderr)
         users, idx = [users[j] for j in keep], [idx[j] for j in keep]
-    df = rec._frame(users, idx, a.k, not a.include_seen, mask, a.batch_size)
+    df = rec.frame(users, idx, a.k, not a.include_seen, mask, a.batch_size)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:

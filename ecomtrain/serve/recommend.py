@@ -201,10 +201,11 @@ class Recommender:
                            "unknown_item_ids": unknown, "unknown_examples": examples}
         if not keep:
             raise DataError(f"no user has an item id that is in the catalog ({unknown} unknown ids, e.g. {examples})")
-        return self._frame([users[j] for j in keep], [idx[j] for j in keep], k, exclude_seen,
+        return self.frame([users[j] for j in keep], [idx[j] for j in keep], k, exclude_seen,
                            self.item_mask(allow, deny, where), batch_size)
 
-    def _frame(self, users: list, idx: list[list[int]], k: int, exclude_seen: bool, allowed, batch_size: int):
+    def frame(self, users: list, idx: list[list[int]], k: int, exclude_seen: bool, allowed, batch_size: int):
+        """Top-k DataFrame for users whose histories are already item indices (1-based)."""
         import polars as pl
 
         cols: dict[str, list] = {"user": [], "rank": [], "item": [], "score": []}
