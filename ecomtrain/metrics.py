@@ -75,9 +75,10 @@ class RankingMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, ks: Sequence[int] = (5, 10, 20), **kw):
+    def __init__(self, ks: Sequence[int] = (5, 10, 20), report_count: bool = False, **kw):
         super().__init__(**kw)
         self.ks = tuple(int(k) for k in ks)
+        self.report_count = report_count  # also return "users" (the summed weight), reduced like the rest
         self.names = [f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")] + ["mrr", "auc"]
         for name in self.names:
             self.add_state(name.replace("@", "_"), default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
@@ -107,4 +108,7 @@ class RankingMetrics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         c = self.count.clamp(min=1)
-        return {name: (getattr(self, name.replace("@", "_")) / c).float() for name in self.names}
+        out = {name: (getattr(self, name.replace("@", "_")) / c).float() for name in self.names}
+        if self.report_count:
+            out["users"] = self.count.float()
+        return out

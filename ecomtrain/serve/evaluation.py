@@ -30,8 +30,8 @@ class EvalSuite(nn.Module):
         self.main, self.alt, self.pop = RankingMetrics(self.ks), RankingMetrics(self.ks), RankingMetrics(self.ks)
         self.register_buffer("pop_bucket", popularity_buckets(popularity), persistent=False)
         self.beyond = BeyondAccuracy(num_items, self.ks, popularity, category) if ev.beyond_accuracy else None
-        self.by_pop = nn.ModuleList([RankingMetrics(self.ks) for _ in POP_BUCKETS]) if ev.beyond_accuracy else None
-        self.by_user = nn.ModuleList([RankingMetrics(self.ks) for _ in USER_BUCKETS]) if ev.beyond_accuracy else None
+        self.by_pop = nn.ModuleList([RankingMetrics(self.ks, report_count=True) for _ in POP_BUCKETS]) if ev.beyond_accuracy else None
+        self.by_user = nn.ModuleList([RankingMetrics(self.ks, report_count=True) for _ in USER_BUCKETS]) if ev.beyond_accuracy else None
         self.channels = list(channels)
         self.cons = ConsistencyMetric(comparison_names(self.channels), ev.consistency_k) if (stage == "test" and ev.consistency) else None
         self.titles = titles
@@ -94,8 +94,8 @@ class EvalSuite(nn.Module):
             for group, names, ms in (("pop", POP_BUCKETS, self.by_pop), ("user", USER_BUCKETS, self.by_user)):
                 for name, m in zip(names, ms):
                     vals = m.compute()
-                    out.update({f"{stage}/{group}_{name}/{k}": vals[k] for k in vals if k.startswith(("hr@", "ndcg@"))})
-                    out[f"{stage}/{group}_{name}/users"] = m.count.float()
+                    # "users" from compute(): the all-reduced count (m.count is this rank's share)
+                    out.update({f"{stage}/{group}_{name}/{k}": vals[k] for k in vals if k.startswith(("hr@", "ndcg@")) or k == "users"})
         if self.cons is not None:
             out.update({f"{stage}/{k}": v for k, v in self.cons.compute().items()})
         return out
