@@ -94,7 +94,8 @@ class BeyondAccuracy(Metric):
         for j, k in enumerate(self.ks):
             idx, valid = indices[:, :k], torch.isfinite(values[:, :k])
             vw = valid.to(torch.float64) * w.unsqueeze(1)
-            self.exposure[j].index_add_(0, idx.reshape(-1), vw.reshape(-1))
+            # DeepSpeed may cast metric states to the module's dtype: add in the state's own dtype
+            self.exposure[j].index_add_(0, idx.reshape(-1), vw.reshape(-1).to(self.exposure.dtype))
             self.novelty[j] = self.novelty[j] + (self.neg_log_p[idx] * vw).sum()
             self.slots[j] = self.slots[j] + vw.sum()
             if self.num_categories > 0:
