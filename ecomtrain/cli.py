@@ -6,6 +6,7 @@
     ecomtrain train recipes/quickstart.yaml [dotted.key=value ...]
     ecomtrain eval runs/quickstart-... [--split test] [--ckpt best|last|PATH]
     ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH] [--merge]
+    ecomtrain recommend runs/quickstart-... --split test --k 20 --out recs.parquet
 
 Heavy imports (torch, lightning) happen inside the verbs so that ``--help``
 and recipe validation answer at once.
@@ -32,32 +33,77 @@ def _kv(text: str, what: str, cast=str) -> dict:
     return out
 
 
+def _flag_kind(annotation) -> tuple[str, object]:
+    """How one BuildConfig field reads from the command line: (kind, element type)."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if typing.get_origin(annotation) is typing.Union and len(args) == 1 else annotation
+    origin = typing.get_origin(base)
+    if origin is typing.Literal:
+        return "choice", typing.get_args(base)
+    if origin is list:
+        return "list", typing.get_args(base)[0]
+    if origin is dict:
+        return "dict", typing.get_args(base)[1]
+    return "scalar", base
+
+
+# flags whose value the schema cannot describe by its type alone
+_FLAG_EXAMPLES = {
+    "columns": "e.g. user=visitor,item=sku,ts=time,event=type,channel=app,value=price",
+    "event_weights": "e.g. view=1,cart=2,purchase=4",
+    "event_types": "comma-separated, e.g. view,cart,purchase",
+}
+
+
 def _add_build_args(p: argparse.ArgumentParser) -> None:
-    """Flags mirror ecomtrain.config.BuildConfig (same names, dashes for underscores)."""
-    p.add_argument("--source", default="synth", help="importer: synth, table, seq, movielens, amazon-reviews, retailrocket, taobao")
-    p.add_argument("--input", help="input file, folder or glob for the importer")
-    p.add_argument("--out", required=True, help="output folder (manifest.json, items.parquet, *.tar)")
-    p.add_argument("--columns", help="table: field=column mapping, e.g. user=visitor,item=sku,ts=time,event=type,channel=app,value=price")
-    p.add_argument("--items", help="item catalog file (table/amazon-reviews): item,title,category,brand,price")
-    p.add_argument("--timestamp-format", help="strptime format when the timestamp column holds date strings")
-    p.add_argument("--separator", help="table: CSV field separator (default ',' or tab for .tsv)")
-    p.add_argument("--event-types", help="comma-separated event types to keep (default: all)")
-    p.add_argument("--event-weights", help="per-type weights stored with each position, e.g. view=1,cart=2,purchase=4")
-    p.add_argument("--min-user-events", type=int, default=3)
-    p.add_argument("--kcore-users", type=int, default=0, help="k-core: users need at least this many events (0 = off)")
-    p.add_argument("--kcore-items", type=int, default=0, help="k-core: items need at least this many events (0 = off)")
-    p.add_argument("--max-history", type=int, default=200)
-    p.add_argument("--no-collapse-repeats", action="store_true", help="keep consecutive events on the same item as separate positions")
-    p.add_argument("--split", default="leave_one_out", choices=["leave_one_out", "temporal"])
-    p.add_argument("--temporal-val-fraction", type=float, default=0.1, help="temporal: share of events (by time) in the val period")
-    p.add_argument("--temporal-test-fraction", type=float, default=0.1, help="temporal: share of events (by time) in the test period")
-    p.add_argument("--session-gap", type=int, help="start a new session after this many time units of inactivity (adds 'sessions')")
-    p.add_argument("--pseudonymise-users", action="store_true", help="replace user ids by HMAC-SHA256 with the key in --pseudonym-key-env")
-    p.add_argument("--pseudonym-key-env", default="ECOMTRAIN_PSEUDONYM_KEY", help="environment variable holding the HMAC key")
-    p.add_argument("--shard-max-samples", type=int, default=5000)
-    p.add_argument("--shard-max-bytes", type=int, default=64 * 1024 * 1024)
-    p.add_argument("--partition-events", type=int, default=4_000_000, help="events per user hash partition (bounds memory)")
-    p.add_argument("--seed", type=int, default=0)
+    """One flag per field of ecomtrain.config.BuildConfig (the one definition): name with dashes,
+    type, default and help all come from the schema. Values are validated by BuildConfig itself."""
+    from .config import BuildConfig
+
+    p.add_argument("--out", required=True, help="output folder (manifest.json, items.parquet, *.tar); replaced atomically")
+    for name, field in BuildConfig.model_fields.items():
+        if name == "synth":  # recipe-only: `ecomtrain data synth` writes an input folder instead
+            continue
+        flag = "--" + name.replace("_", "-")
+        kind, typ = _flag_kind(field.annotation)
+        default = field.get_default(call_default_factory=True)
+        text = (field.description or "").rstrip(".")
+        if name in _FLAG_EXAMPLES:
+            text += f" ({_FLAG_EXAMPLES[name]})"
+        text += f" [default: {default}]" if default is not None else ""
+        text = text.replace("%", "%%")
+        if kind == "scalar" and typ is bool:
+            p.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        # values stay strings here: BuildConfig converts and checks them, so a bad
+        # value gets the same one-line error as in a recipe (not argparse's usage dump)
+        elif kind == "choice":
+            p.add_argument(flag, dest=name, default=None, metavar="{" + ",".join(typ) + "}", help=text)
+        elif kind in ("list", "dict"):
+            p.add_argument(flag, dest=name, default=None, metavar="K=V,..." if kind == "dict" else "A,B,...", help=text)
+        else:
+            p.add_argument(flag, dest=name, default=None, metavar=getattr(typ, "__name__", "VALUE").upper(), help=text)
+
+
+def _build_config(a: argparse.Namespace):
+    """The flags given -> a validated BuildConfig (unset flags take the schema's defaults)."""
+    from .config import BuildConfig
+    from .data.build import as_build_config
+
+    given = {}
+    for name, field in BuildConfig.model_fields.items():
+        value = getattr(a, name, None)
+        if name == "synth" or value is None:
+            continue
+        kind, typ = _flag_kind(field.annotation)
+        flag = "--" + name.replace("_", "-")
+        if kind == "list":
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        elif kind == "dict":
+            value = _kv(value, flag)
+        given[name] = value
+    return as_build_config(None, **given)
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -74,22 +120,11 @@ def cmd_synth(a: argparse.Namespace) -> int:
 def cmd_build(a: argparse.Namespace) -> int:
     from .data import build, importers
 
-    if a.input is None:
+    cfg = _build_config(a)  # every option checked before any file is read or written
+    if cfg.input is None:
         raise importers.DataError("--input is required (a file or folder for the importer)")
-    imp = importers.load(
-        a.source, a.input, columns=_kv(a.columns, "--columns") if a.columns else None, items=a.items,
-        timestamp_format=a.timestamp_format, separator=a.separator,
-    )
-    m = build.build(
-        imp, a.out, event_types=a.event_types.split(",") if a.event_types else None,
-        event_weights=_kv(a.event_weights, "--event-weights", float) if a.event_weights else None,
-        min_user_events=a.min_user_events, kcore_users=a.kcore_users, kcore_items=a.kcore_items,
-        max_history=a.max_history, collapse_repeats=not a.no_collapse_repeats, split=a.split,
-        temporal_val_fraction=a.temporal_val_fraction, temporal_test_fraction=a.temporal_test_fraction,
-        session_gap=a.session_gap, pseudonymise_users=a.pseudonymise_users, pseudonym_key_env=a.pseudonym_key_env,
-        shard_max_samples=a.shard_max_samples, shard_max_bytes=a.shard_max_bytes, partition_events=a.partition_events,
-        seed=a.seed, source={"source": a.source, "input": str(a.input)},
-    )
+    imp = importers.load(cfg.source, cfg.input, **cfg.importer_options())
+    m = build.build(imp, a.out, cfg)
     print(f"manifest: {Path(a.out) / 'manifest.json'} ({m['num_users']} users, {m['num_items']} items)")
     return 0
 
@@ -97,7 +132,7 @@ def cmd_build(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .data.inspect import inspect_dataset
 
-    return inspect_dataset(a.dir)
+    return inspect_dataset(a.dir, ranks=a.ranks, workers=a.workers)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -116,7 +151,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_eval(a: argparse.Namespace) -> int:
     from .train.evaluate import evaluate
 
-    metrics = evaluate(a.run_dir, split=a.split, ckpt=a.ckpt, overrides=a.overrides)
+    metrics = evaluate(a.run_dir, split=a.split, ckpt=a.ckpt, overrides=a.overrides, against=a.against)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -153,6 +188,8 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_build)
     i = dsub.add_parser("inspect", help="summarise a built dataset and verify every shard against manifest.json")
     i.add_argument("dir")
+    i.add_argument("--ranks", type=int, default=1, help="also check that the train split feeds this many ranks (one non-empty shard each)")
+    i.add_argument("--workers", type=int, default=1, help="data loader workers per rank for the --ranks check")
     i.set_defaults(fn=cmd_inspect)
 
     t = sub.add_parser("train", help="train, validate and test a recipe; writes RUN_DIR")
@@ -166,6 +203,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the run's recipe (e.g. data.path=...)")
     e.add_argument("--split", default="test", choices=["val", "test"])
     e.add_argument("--ckpt", default="best", help="best, last, or a checkpoint path")
+    e.add_argument("--against", help="another run folder, checkpoint or export (same catalog): also report run consistency (Jaccard/RBO/churn of top-K)")
     e.set_defaults(fn=cmd_eval)
 
     x = sub.add_parser("export", help="write a Hugging Face folder (safetensors, tokenizer, item_vocab.json) from a run's checkpoint")
@@ -176,6 +214,10 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace a non-empty --out")
     x.add_argument("--merge", action="store_true", help="adapter runs: fold the adapter into the weights (a plain model; adapter/ is still written)")
     x.set_defaults(fn=cmd_export)
+
+    from .serve.cli import add_parser as add_recommend
+
+    add_recommend(sub)
     return p
 
 

@@ -75,22 +75,38 @@ class BuildConfig(_Section):
     session_gap: Optional[int] = Field(None, gt=0, description="Inactivity gap (in timestamp units) that starts a new session; adds a 'sessions' list to samples.")
     pseudonymise_users: bool = Field(False, description="Replace user ids by HMAC-SHA256 keyed from the env var pseudonym_key_env.")
     pseudonym_key_env: str = Field("ECOMTRAIN_PSEUDONYM_KEY", description="Environment variable holding the HMAC key (never stored).")
-    shard_max_samples: int = Field(5000, gt=0)
-    shard_max_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    shard_max_samples: int = Field(5000, gt=0, description="Most samples per shard (a split needs at least ranks x workers non-empty shards to train).")
+    shard_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Most bytes per shard.")
     partition_events: int = Field(4_000_000, gt=0, description="Events per user hash partition; bounds build memory (~1-2 GB per 4 M events).")
+    seed: int = Field(0, description="Shuffle seed of the sample order inside shards (independent of run.seed, so runs with other seeds share one dataset).")
 
+    # The one definition of the build options: `ecomtrain data build` derives its
+    # flags (names, types, defaults, help) from these fields, `data.build` in a
+    # recipe is this model, and ecomtrain.data.build.build() takes it validated.
     def importer_options(self) -> dict:
         return {"columns": self.columns, "items": self.items, "timestamp_format": self.timestamp_format, "separator": self.separator}
 
     def build_options(self) -> dict:
-        """Keyword arguments of ``ecomtrain.data.build.build``."""
+        """The options that shape the built samples (everything but where the events come from)."""
         skip = {"source", "input", "synth", *self.importer_options()}
         return {k: v for k, v in self.model_dump().items() if k not in skip}
+
+    def identity(self) -> dict:
+        """Canonical options recorded in (and compared against) manifest.json's fingerprint.
+
+        ``synth`` counts only when it generates the input (source synth, no input).
+        """
+        d = self.model_dump(mode="json")
+        if not (self.source == "synth" and self.input is None):
+            d.pop("synth")
+        return d
 
 
 class DataConfig(_Section):
     path: str = Field(..., description="Built dataset folder (holds manifest.json).")
-    build: Optional[BuildConfig] = Field(None, description="If set and path has no manifest.json, build it first.")
+    build: Optional[BuildConfig] = Field(None, description="If set and path has no manifest.json, build it first; if path holds a dataset built with other options, see data.rebuild.")
+    rebuild: Literal["error", "auto"] = Field(
+        "error", description="When data.path holds a dataset whose fingerprint differs from data.build: 'error' stops naming the differing options, 'auto' rebuilds it (atomically) from data.build.")
     max_history: int = Field(50, gt=0, description="History length fed to the model (most recent items).")
     batch_size: int = Field(64, gt=0, description="Per-device micro-batch size for training.")
     packing: bool = Field(
@@ -150,6 +166,7 @@ class NextItemTaskConfig(_TaskBase):
 
     name: Literal["next_item"] = "next_item"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    consistency_weight: float = Field(0.0, ge=0, description="Weight of the time-consistency regulariser: symmetric KL between the item distributions predicted from consecutive prefixes of a user's history (0 = off).")
 
 
 class PurchaseIntentTaskConfig(_TaskBase):
@@ -375,6 +392,11 @@ class TrainerConfig(_Section):
 class EvalConfig(_Section):
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     exclude_seen: bool = Field(False, description="Primary protocol: drop the user's history items from the ranking. Both are reported.")
+    score_memory_mb: float = Field(256.0, gt=0, description="Memory budget for scoring the catalog in chunks (batch x chunk floats); bounds eval and recommend on large catalogs.")
+    beyond_accuracy: bool = Field(True, description="Also report coverage@K, gini@K, ild@K, novelty@K and HR/NDCG by item-popularity and user-activity bucket.")
+    consistency: bool = Field(True, description="Test split: channel and time consistency of the top-K lists (extra forward passes: ~2 + channels per batch).")
+    consistency_k: int = Field(10, gt=0, description="List length K for Jaccard@K and RBO@K.")
+    sample_users: int = Field(8, ge=0, description="Rows of the W&B table of sample users (history -> top-10, hits marked) per evaluation; 0 = off.")
 
 
 class WandbConfig(_Section):

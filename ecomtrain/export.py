@@ -123,6 +123,15 @@ def item_vocab_json(cfg, vocab) -> dict:
     }
 
 
+def copy_catalog(cfg, dest: Path) -> None:
+    from .data.build import load_manifest
+
+    root = Path(cfg.data.path)
+    src = root / load_manifest(root).get("item_file", "items.parquet")
+    if src.is_file():
+        shutil.copyfile(src, dest)
+
+
 README = """# {name}: exported by ecomtrain
 
 A Hugging Face causal LM whose vocabulary holds the shop's items as tokens. Loads with
@@ -142,6 +151,7 @@ top = [iv["token_id_to_item_id"][str(first + j)] for j in logits.topk(10).indice
 ```
 
 - `item_vocab.json`: token id <-> raw item id (from the dataset's items.parquet).
+- `items.parquet`: the dataset's catalog (ids, titles, columns), read by `ecomtrain recommend`.
 - `ecomtrain_export.json`: run, checkpoint, step, strategy and precision it came from.
 - Weights: fp32 consolidated from the checkpoint (DeepSpeed shards merged with zero_to_fp32).
 - Training task: {task}; history length seen in training: {max_history} items.
@@ -186,8 +196,9 @@ def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool
         "epoch": state.get("epoch"), "strategy": tc.strategy.name,
         "zero_stage": tc.strategy.zero_stage if tc.strategy.name == "deepspeed" else None,
         "precision": tc.precision, "finetune": cfg.finetune.method, "merged": bool(merge),
-        "adapter": "adapter" if (tmp / "adapter").is_dir() else None,
+        "adapter": "adapter" if (tmp / "adapter").is_dir() else None, "max_history": cfg.data.max_history,
     }
+    copy_catalog(cfg, tmp / "items.parquet")  # ids, titles, columns for `ecomtrain recommend` filters
     (tmp / "ecomtrain_export.json").write_text(json.dumps(meta, indent=2))
     readme = README.format(name=run_dir.name, out=out, task=", ".join(t.name for t in cfg.task), max_history=cfg.data.max_history)
     if (tmp / "adapter").is_dir():

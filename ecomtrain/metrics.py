@@ -40,22 +40,32 @@ def _cumulative(n: int, fn, device) -> torch.Tensor:
 
 def ranking_scores(scores: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> dict[str, torch.Tensor]:
     """Per-row metric values (float64), exact under random tie-breaking."""
-    n = scores.shape[1]
     g, e = target_ties(scores, target)
-    g, e = g.to(torch.float64), e.to(torch.float64)
     masked = ~torch.isfinite(scores.gather(1, target.view(-1, 1))).squeeze(1)
+    finite = torch.isfinite(scores).sum(1)
+    return ranking_from_counts(g, e, finite, masked, ks, scores.shape[1])
+
+
+def ranking_from_counts(greater: torch.Tensor, equal: torch.Tensor, n_finite: torch.Tensor, masked: torch.Tensor,
+                        ks: Sequence[int], num_items: int) -> dict[str, torch.Tensor]:
+    """Per-row metric values from counts: items scored strictly above the target (``greater``),
+    other items tied with it (``equal``), items with a finite score (``n_finite``) and whether the
+    target itself is masked. This is all the ranking needs, so a chunked pass over the catalog
+    (``ecomtrain.serve.topk``) that only counts gives the same values as a full score matrix."""
+    device = greater.device
+    g, e = greater.to(torch.float64), equal.to(torch.float64)
     lo, hi = g.long(), (g + e + 1).long()  # rank range is lo+1 .. hi
-    disc = _cumulative(n, lambda r: 1.0 / torch.log2(r + 1), scores.device)
-    harm = _cumulative(n, lambda r: 1.0 / r, scores.device)
+    disc = _cumulative(num_items, lambda r: 1.0 / torch.log2(r + 1), device)
+    harm = _cumulative(num_items, lambda r: 1.0 / r, device)
     out = {}
     for k in ks:
         out[f"hr@{k}"] = ((k - g) / (e + 1)).clamp(0, 1)
         out[f"ndcg@{k}"] = (disc[hi.clamp(max=k)] - disc[lo.clamp(max=k)]) / (e + 1)
     out["mrr"] = (harm[hi] - harm[lo]) / (e + 1)
-    finite = torch.isfinite(scores).sum(1).to(torch.float64)
+    finite = n_finite.to(torch.float64)
     out["auc"] = (1 - (g + e / 2) / (finite - 1).clamp(min=1)).clamp(0, 1)
     for v in out.values():
-        v.masked_fill_(masked, 0.0)
+        v.masked_fill_(masked.to(device), 0.0)
     return out
 
 
@@ -65,17 +75,32 @@ class RankingMetrics(Metric):
     full_state_update = False
     higher_is_better = True
 
-    def __init__(self, ks: Sequence[int] = (5, 10, 20), **kw):
+    def __init__(self, ks: Sequence[int] = (5, 10, 20), report_count: bool = False, **kw):
         super().__init__(**kw)
         self.ks = tuple(int(k) for k in ks)
+        self.report_count = report_count  # also return "users" (the summed weight), reduced like the rest
         self.names = [f"{m}@{k}" for k in self.ks for m in ("hr", "ndcg")] + ["mrr", "auc"]
         for name in self.names:
             self.add_state(name.replace("@", "_"), default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, scores: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None) -> None:
-        vals = ranking_scores(scores.float(), target, self.ks)
-        w = torch.ones(len(target), dtype=torch.float64, device=scores.device) if weight is None else weight.to(torch.float64)
+    def update(self, scores: Optional[torch.Tensor], target: Optional[torch.Tensor] = None, weight: Optional[torch.Tensor] = None,
+               counts: Optional[tuple] = None, num_items: int = 0) -> None:
+        """From a full score matrix ``[B, N]`` and 0-based targets, or from ``counts`` =
+        (greater, equal, n_finite, target_masked) of a chunked pass (``serve.topk.rank_catalog``)."""
+        if counts is not None:
+            g = counts[0]
+            self._add(ranking_from_counts(*counts, self.ks, num_items), weight, len(g), g.device)
+        else:
+            self._add(ranking_scores(scores.float(), target, self.ks), weight, len(target), scores.device)
+
+    def update_counts(self, greater: torch.Tensor, equal: torch.Tensor, n_finite: torch.Tensor, masked: torch.Tensor,
+                      num_items: int, weight: Optional[torch.Tensor] = None) -> None:
+        """Same as ``update`` from per-row counts (see ``ranking_from_counts``)."""
+        self.update(None, None, weight, counts=(greater, equal, n_finite, masked), num_items=num_items)
+
+    def _add(self, vals: dict, weight: Optional[torch.Tensor], n: int, device) -> None:
+        w = torch.ones(n, dtype=torch.float64, device=device) if weight is None else weight.to(torch.float64)
         for name in self.names:
             attr = name.replace("@", "_")
             setattr(self, attr, getattr(self, attr) + (vals[name] * w).sum())
@@ -83,4 +108,7 @@ class RankingMetrics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         c = self.count.clamp(min=1)
-        return {name: (getattr(self, name.replace("@", "_")) / c).float() for name in self.names}
+        out = {name: (getattr(self, name.replace("@", "_")) / c).float() for name in self.names}
+        if self.report_count:
+            out["users"] = self.count.float()
+        return out

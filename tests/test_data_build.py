@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect as pyinspect
 import json
 from pathlib import Path
 
@@ -15,7 +14,8 @@ from ecomtrain.data import build, importers, synth
 from ecomtrain.data.importers import DataError
 from ecomtrain.data.samples import check_leakage, make_samples, split_positions
 
-BEAUTY = Path("/work/shared/data/amazon-beauty/sequential_data.txt")
+# the shared data folder beside the repository (../shared/...), present on the development machines
+BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "sequential_data.txt"
 
 
 def _table(tmp_path, rows, name="ev.csv"):
@@ -131,23 +131,39 @@ def test_inspect_validates_and_fails_on_mismatch(tmp_path, raw):
     data[600] ^= 0xFF
     victim.write_bytes(bytes(data))
     r = cli("data", "inspect", str(out))
-    assert r.returncode == 1 and "train-000001.tar: sha256 differs" in r.stdout
+    assert r.returncode == 2 and "train-000001.tar: sha256 differs" in r.stdout
+    assert r.stderr.startswith("error: ") and "train-000001.tar" in r.stderr and r.stderr.count("\n") == 1
     m = json.loads((out / "manifest.json").read_text())
     m["splits"]["val"]["shards"][0]["num_samples"] += 1
     (out / "manifest.json").write_text(json.dumps(m))
     r = cli("data", "inspect", str(out))
-    assert r.returncode == 1 and "val-000000.tar" in r.stdout and "manifest.json says" in r.stdout
+    assert r.returncode == 2 and "val-000000.tar" in r.stdout and "manifest.json says" in r.stdout
 
 
-def test_build_config_cli_and_build_agree():
-    params = set(pyinspect.signature(build.build).parameters) - {"imp", "out", "seed", "source", "log"}
-    assert set(BuildConfig().build_options()) == params
-    from ecomtrain.cli import parser
+def test_build_options_have_one_definition():
+    """Every BuildConfig field is a `data build` flag with the schema's help and default, and build() validates through it."""
+    from ecomtrain.cli import _build_config, parser
 
     b = parser()._subparsers._group_actions[0].choices["data"]._subparsers._group_actions[0].choices["build"]
-    flags = {a.dest for a in b._actions}
-    fields = set(BuildConfig.model_fields) - {"synth"}
-    assert fields - {"collapse_repeats"} <= flags and "no_collapse_repeats" in flags
+    actions = {a.dest: a for a in b._actions}
+    for name, field in BuildConfig.model_fields.items():
+        if name == "synth":
+            continue
+        assert name in actions, name
+        assert field.description.rstrip(".")[:30] in actions[name].help.replace("%%", "%"), name
+    # nothing but --out and --help beyond the schema
+    assert set(actions) - set(BuildConfig.model_fields) == {"out", "help"}
+    # unset flags give exactly the schema's defaults; set ones are converted by the schema
+    a = b.parse_args(["--out", "x", "--min-user-events", "5", "--no-collapse-repeats", "--event-weights", "cart=2",
+                      "--event-types", "view,cart", "--split", "temporal"])
+    got = _build_config(a)
+    assert got == BuildConfig(min_user_events=5, collapse_repeats=False, event_weights={"cart": 2.0},
+                              event_types=["view", "cart"], split="temporal")
+    assert _build_config(b.parse_args(["--out", "x"])) == BuildConfig()
+    # build() takes the validated config: a bad value is refused before any work
+    with pytest.raises(DataError, match="max_history"):
+        build.build(None, "never-written", max_history=0)
+    assert not Path("never-written").exists()
 
 
 @pytest.mark.skipif(not BEAUTY.is_file(), reason="shared Amazon Beauty file not present")

@@ -64,7 +64,7 @@ def test_truncated_shard_skipped_and_counted_then_fails_naming_it(tmp_path):
 
 def test_fewer_shards_than_readers_is_a_clear_error(tmp_path):
     m = make_shards(tmp_path, [10, 10, 0])
-    with pytest.raises(DataError, match=r"2 non-empty shards but 2 ranks x 2 workers = 4 readers"):
+    with pytest.raises(DataError, match=r"2 non-empty shard\(s\) \(.*\) but 2 ranks x 2 workers = 4 readers"):
         ShardStream(tmp_path, "train", m, collate, 2, world_size=2, num_workers=2)
 
 

@@ -18,14 +18,25 @@ and streaming where it matters; raw events never become Python objects):
 6. per partition: split (leave-one-out or global temporal), samples rendered
    to JSON by polars, leakage check, appended to size-targeted shards
    (webdataset TarWriter, JSON members only); catalog ``items.parquet``;
-   ``manifest.json`` with counts, sha256 per shard and summary statistics.
+   ``manifest.json`` with counts, sha256 per shard, summary statistics and the
+   dataset fingerprint (sha256 of the build options and the input's identity).
+
+Atomicity: everything is written into a sibling folder ``OUT.tmp-<pid>-<token>``
+(its work files in ``OUT.tmp-*/.work``) and moved into OUT only after success
+(see :mod:`ecomtrain.data.outdir`), so OUT holds the old dataset or the new one, never a
+mix, and files in OUT that the dataset does not list are never touched. Raw
+user ids never reach the disk when ``pseudonymise_users`` is on: they are
+replaced by their HMAC before the staging pass writes anything.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
+import os
+import secrets
 import shutil
 import tarfile
 import time
@@ -36,7 +47,9 @@ import numpy as np
 import polars as pl
 
 from .. import __version__
-from .importers import DataError, Imported
+from ..config import BuildConfig
+from .importers import DataError, Imported, check_ids, translate
+from .outdir import check_out, recover, roll_forward
 from .samples import check_leakage, make_samples, pseudonymise, split_positions
 
 SCHEMA_VERSION = 1
@@ -164,49 +177,99 @@ def _vocab(items: pl.Series) -> list[str]:
     return items.sort().to_list()
 
 
-def build(
-    imp: Imported,
-    out: str | Path,
-    *,
-    event_types: Optional[list[str]] = None,
-    event_weights: Optional[dict[str, float]] = None,
-    min_user_events: int = 3,
-    kcore_users: int = 0,
-    kcore_items: int = 0,
-    max_history: int = 200,
-    collapse_repeats: bool = True,
-    split: str = "leave_one_out",
-    temporal_val_fraction: float = 0.1,
-    temporal_test_fraction: float = 0.1,
-    session_gap: Optional[int] = None,
-    pseudonymise_users: bool = False,
-    pseudonym_key_env: str = DEFAULT_KEY_ENV,
-    shard_max_samples: int = 5000,
-    shard_max_bytes: int = 64 * 1024 * 1024,
-    partition_events: int = 4_000_000,
-    seed: int = 0,
-    source: Optional[dict] = None,
-    log=print,
-) -> dict:
-    t_start = time.time()
-    if split not in ("leave_one_out", "temporal"):
-        raise DataError(f"split: unknown method '{split}' (leave_one_out or temporal)")
-    if pseudonymise_users:
-        pseudonymise(pl.Series(["probe"]), pseudonym_key_env)  # fail before any work if the key is missing
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "manifest.json").exists():
-        (out / "manifest.json").unlink()  # a half-rebuilt folder must not look valid
-    for old in out.glob("*.tar"):
-        old.unlink()
-    work = out / ".work"  # holds raw ids; always removed, even on failure
-    shutil.rmtree(work, ignore_errors=True)
+def as_build_config(cfg: BuildConfig | dict | None = None, **options) -> BuildConfig:
+    """A validated BuildConfig from a BuildConfig, its dump, and/or keyword overrides (one DataError line if invalid)."""
+    from pydantic import ValidationError
+
+    base = cfg.model_dump() if isinstance(cfg, BuildConfig) else dict(cfg or {})
+    base.update(options)
     try:
-        return _build(imp, out, work, t_start, locals(), log)
-    except pl.exceptions.PolarsError as exc:
-        raise DataError(f"{imp.description}: could not read events: {type(exc).__name__}: {exc}") from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        return BuildConfig.model_validate(base)
+    except ValidationError as exc:
+        probs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise DataError(f"build options: {probs}") from None
+
+
+def input_identity(path: Optional[str]) -> Optional[dict]:
+    """What changes when the input changes: file count, total bytes, newest mtime (ns)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_file():
+        files = [p]
+    elif p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file())
+    else:  # a glob
+        files = sorted(Path(f) for f in glob.glob(str(path)))
+    st = [f.stat() for f in files]
+    return {"files": len(st), "bytes": sum(x.st_size for x in st), "mtime_ns": max((x.st_mtime_ns for x in st), default=0)}
+
+
+def fingerprint(cfg: BuildConfig) -> dict:
+    """manifest.json's ``build`` block: canonical options, input identity, and the sha256 of both."""
+    options = cfg.identity()
+    if options["input"] is not None:  # the same files, whatever the working folder the path was given from
+        options["input"] = str(Path(options["input"]).resolve())
+    body = {"options": options, "input": input_identity(cfg.input)}
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return {**body, "fingerprint": hashlib.sha256(canon.encode()).hexdigest()}
+
+
+def fingerprint_diff(manifest: dict, cfg: BuildConfig) -> list[str]:
+    """Why the dataset of ``manifest`` was not built by ``cfg`` (empty when it was)."""
+    have = manifest.get("build") or {}
+    if "fingerprint" not in have:
+        return ["manifest.json has no build fingerprint (built by an older ecomtrain)"]
+    want = fingerprint(cfg)
+    if have["fingerprint"] == want["fingerprint"]:
+        return []
+    a, b = have.get("options", {}), want["options"]
+    diffs = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if have.get("input") != want["input"]:
+        diffs.append(f"input {cfg.input} changed: {have.get('input')} -> {want['input']}")
+    return diffs or ["fingerprint differs"]
+
+
+def build(imp: Imported, out: str | Path, cfg: BuildConfig | dict | None = None, *, source: Optional[dict] = None,
+          log=print, **options) -> dict:
+    """Build the dataset of ``imp`` into ``out`` with the validated build options.
+
+    ``cfg`` is a :class:`ecomtrain.config.BuildConfig` (or its dump); keyword
+    ``options`` override single fields (``build(imp, out, shard_max_samples=50)``).
+    Input and options are checked before ``out`` is touched; ``out`` changes
+    only when the build succeeded (atomic swap, see the module docstring).
+    """
+    t_start = time.time()
+    cfg = as_build_config(cfg, **options)
+    if cfg.pseudonymise_users:
+        pseudonymise(pl.Series(["probe"]), cfg.pseudonym_key_env)  # fail before any work if the key is missing
+    out = Path(out).resolve()  # "." or a symlink: the sibling folders go next to the real folder
+    recover(out, log)
+    check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = out.parent / f"{out.name}.tmp-{token}"
+    tmp.mkdir()
+    o = {**cfg.build_options(), "source": source or ({"source": cfg.source, "input": cfg.input} if cfg.input else {"description": imp.description}),
+         "fingerprint": fingerprint(cfg)}
+    try:
+        try:
+            manifest = _build(imp, tmp, tmp / ".work", t_start, o, log)
+        except pl.exceptions.PolarsError as exc:
+            raise translate(exc, imp.origin or imp.description, imp) from None
+        shutil.rmtree(tmp / ".work", ignore_errors=True)
+        check_out(out)  # nothing foreign appeared while we built
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # OUT was never touched
+        raise
+    # From here a failure leaves tmp and OUT.old-* for recover() to roll forward:
+    # deleting tmp now could lose the new dataset after the old one moved out.
+    roll_forward(tmp, out, out.parent / f"{out.name}.old-{token}")
+    log(
+        f"built {out}: {manifest['num_users']} users, {manifest['num_items']} items, "
+        + ", ".join(f"{s} {manifest['splits'][s]['num_samples']} samples in {len(manifest['splits'][s]['shards'])} shards" for s in SPLITS)
+    )
+    return manifest
 
 
 def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -> dict:
@@ -224,9 +287,18 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         tick[0] = now
 
     # 1. stage into hash partitions of users (one streaming pass over the input)
-    n_raw = ev.select(pl.len()).collect(engine="streaming").item()
+    # counts, and finds an empty user/item cell anywhere (the importer probed the first rows only)
+    n_raw = check_ids(imp, ev)
     if n_raw == 0:
         raise DataError(f"{imp.description}: no events" + (f" of types {o['event_types']}" if o["event_types"] else ""))
+    if o["pseudonymise_users"]:
+        # Raw ids must never touch the disk, not even the work files a SIGKILL
+        # would leave behind: HMAC each distinct user in memory (~1 us each) and
+        # swap it in before the staging pass writes anything.
+        users = ev.select(pl.col("user").unique()).collect(engine="streaming")["user"]
+        ids = pl.DataFrame({"user": users, "_pseudo": pseudonymise(users, o["pseudonym_key_env"]).alias("_pseudo")})
+        ev = ev.join(ids.lazy(), on="user", how="left").with_columns(pl.col("_pseudo").alias("user")).drop("_pseudo")
+        del users, ids
     P = max(1, math.ceil(n_raw / o["partition_events"]))
     staged = work / "events"
     ev.with_columns(_p=(pl.col("user").hash(seed=1234) % P).cast(pl.UInt32)).sink_parquet(
@@ -317,8 +389,6 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         if weights:
             cols.append(pl.col("events").list.eval(pl.element().replace_strict(weights, default=1.0, return_dtype=pl.Float32)).alias("weights"))
         seqs = seqs.with_columns(cols)
-        if o["pseudonymise_users"]:
-            seqs = seqs.with_columns(pseudonymise(seqs["user"], o["pseudonym_key_env"]))
         seqs = split_positions(seqs, o["split"], t_val, t_test).sample(fraction=1.0, shuffle=True, seed=o["seed"] + p)
         samples = make_samples(seqs, o["max_history"])
         check_leakage(samples, seqs)
@@ -336,8 +406,16 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
 
     cat = item_map.with_columns(train_count=pl.Series(train_counts[1:]))
     if imp.items is not None:
-        attrs = imp.items.lazy().with_columns(pl.col("item").cast(pl.Utf8)).join(item_map.lazy().select("item"), on="item", how="semi")
-        attrs = attrs.collect(engine="streaming").unique("item", keep="first", maintain_order=True)
+        where = imp.items_origin or f"item catalog of {imp.description}"
+        try:
+            attrs = imp.items.lazy().with_columns(pl.col("item").cast(pl.Utf8)).join(item_map.lazy().select("item"), on="item", how="semi")
+            attrs = attrs.collect(engine="streaming").unique("item", keep="first", maintain_order=True)
+        except pl.exceptions.PolarsError as exc:
+            raise translate(exc, where) from None
+        if attrs.height == 0 and imp.items_origin:
+            some = imp.items.lazy().select(pl.col("item").cast(pl.Utf8)).head(1).collect()["item"].to_list()
+            raise DataError(f"{where}: none of the catalog's item ids occur in the events (catalog has e.g. {some[:1]}, "
+                            f"events have e.g. {vocab[:1]}); is the catalog's item column the events' item id?")
         cat = cat.join(attrs, on="item", how="left", maintain_order="left")
     cat.write_parquet(out / "items.parquet")
     phase("catalog")
@@ -347,7 +425,8 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         "schema_version": SCHEMA_VERSION,
         "created_by": f"ecomtrain {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": o["source"] or {"description": imp.description},
+        "source": o["source"],
+        "build": o["fingerprint"],
         "num_users": int(len(lens)),
         "num_items": len(vocab),
         "num_events": int(lens.sum()),
@@ -380,17 +459,15 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
     }
     tmp = out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "manifest.json")
-    log(
-        f"built {out}: {manifest['num_users']} users, {manifest['num_items']} items, "
-        + ", ".join(f"{s} {splits[s]['num_samples']} samples in {len(splits[s]['shards'])} shards" for s in SPLITS)
-    )
+    tmp.replace(out / "manifest.json")  # written last: a folder with a manifest is a finished dataset
     return manifest
 
 
 def load_manifest(path: str | Path) -> dict:
     p = Path(path)
     mf = p / "manifest.json" if p.is_dir() or not p.suffix else p
+    if not mf.is_file() and mf.parent == p:
+        recover(p, log=lambda *_: None)  # a build killed inside its swap: finish it
     if not mf.is_file():
         raise DataError(f"no manifest.json in {p} (build it with `ecomtrain data build --out {p}`)")
     try:

@@ -17,6 +17,7 @@ objects: the build decides when to collect. Sources: ``synth``, ``table``
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -30,7 +31,15 @@ _PROBE_ROWS = 10_000
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file and the field."""
+    """Bad input data; the message names the file and the field.
+
+    Always one line: the CLI prints ``error: <message>`` and exits 2, so a
+    multi-line message from a library (polars adds hints on new lines) is
+    folded here, once, rather than at every raise.
+    """
+
+    def __init__(self, message: object = ""):
+        super().__init__(re.sub(r"\s*\n\s*", " ", str(message)).strip())
 
 
 @dataclass
@@ -38,6 +47,24 @@ class Imported:
     events: pl.LazyFrame
     items: Optional[Union[pl.DataFrame, pl.LazyFrame]] = None
     description: str = ""
+    # for error messages raised later, when the lazy events are collected
+    origin: str = ""                       # the events file
+    raw: Optional[pl.LazyFrame] = None     # events before the casts of normalise()
+    timestamp_format: Optional[str] = None
+    items_origin: Optional[str] = None     # the catalog file, when one was given
+
+
+def imported(lf: pl.LazyFrame, origin: str, items=None, description: str = "", *, timestamp_format: Optional[str] = None,
+             items_origin: Optional[str] = None, default_event: str = "interaction") -> Imported:
+    """``normalise(lf)`` wrapped with what later error messages need."""
+    imp = Imported(lf, items, description, origin=origin, raw=lf, timestamp_format=timestamp_format, items_origin=items_origin)
+    try:
+        imp.events = normalise(lf, origin, timestamp_format=timestamp_format, default_event=default_event)
+    except pl.exceptions.NoDataError:
+        raise DataError(f"{origin}: empty file (no rows)") from None
+    except pl.exceptions.PolarsError as exc:  # met while probing the first rows
+        raise translate(exc, origin, imp) from None
+    return imp
 
 
 _IMPORTERS: dict[str, Callable[..., Imported]] = {}
@@ -71,6 +98,111 @@ def load(source: str, input: str | Path, **options) -> Imported:
         return _IMPORTERS[source](path, **options)
     except pl.exceptions.NoDataError:
         raise DataError(f"{source}: {path} is empty (no rows)") from None
+    except pl.exceptions.PolarsError as exc:  # unreadable bytes met while probing the first rows
+        raise translate(exc, str(path)) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def _bad_utf8_line(path: Path) -> Optional[tuple[int, int]]:
+    """(line, byte offset) of the first invalid UTF-8 sequence in ``path`` (a file), or None."""
+    import codecs
+
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        dec = codecs.getincrementaldecoder("utf-8")()
+        line, offset = 1, 0
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                try:
+                    dec.decode(chunk)
+                except UnicodeDecodeError as exc:
+                    pos = exc.start
+                    return line + chunk[:pos].count(b"\n"), offset + pos
+                line += chunk.count(b"\n")
+                offset += len(chunk)
+    return None
+
+
+def translate(exc: BaseException, origin: str, imp: Optional[Imported] = None) -> DataError:
+    """A polars error met while reading ``origin`` -> one DataError naming the file and, when found, column and row."""
+    msg = str(exc)
+    low = msg.lower()
+    path = Path(origin)
+    if "utf-8" in low or "utf8" in low:
+        where = _bad_utf8_line(path) if path.exists() and not path.suffix.lower() == ".parquet" else None
+        at = f" at line {where[0]} (byte {where[1]})" if where else ""
+        return DataError(f"{origin}: not valid UTF-8 text{at}; re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8)")
+    if imp is not None and imp.raw is not None:
+        found = _find_bad_value(imp)
+        if found:
+            return DataError(found)
+    if path.suffix.lower() in (".jsonl", ".ndjson", ".json") and path.is_file():
+        n = _bad_json_line(path)
+        if n is not None:
+            return DataError(f"{origin}: line {n} is not valid JSON ({_first_line(exc)})")
+    m = _PARSE.search(msg)
+    if m:  # the reader met a value its inferred type cannot hold
+        return DataError(f"{origin}: column '{m.group(3)}': value {m.group(1)!r} is not a valid {m.group(2)} (found past the first rows)")
+    return DataError(f"{origin}: could not read events: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _bad_json_line(path: Path) -> Optional[int]:
+    """Line number of the first line of a JSON-lines file that does not parse."""
+    import json
+
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError:
+                    return n
+    return None
+
+
+_PARSE = re.compile(r"could not parse `(.*?)` as dtype `(\w+)` at column '([^']*)'")
+
+
+def _find_bad_value(imp: Imported) -> Optional[str]:
+    """The first row whose value fails the strict casts of normalise() (one streaming pass per column)."""
+    raw = imp.raw
+    try:
+        schema = raw.collect_schema()
+        for col, dtype in _DTYPES.items():
+            if col not in schema or schema[col] == dtype or schema[col].is_temporal():
+                continue
+            c = pl.col(col)
+            if col == "ts" and imp.timestamp_format and schema[col] == pl.Utf8:
+                parsed = c.str.strptime(pl.Datetime("us"), imp.timestamp_format, strict=False)
+                what = f"does not match --timestamp-format {imp.timestamp_format!r}"
+            else:
+                parsed = c.cast(pl.Float64 if col in ("ts", "value") else dtype, strict=False)
+                what = "is not a number"
+            bad = (
+                raw.with_row_index("_i").filter(c.is_not_null() & parsed.is_null()).select("_i", c.cast(pl.Utf8))
+                .head(1).collect(engine="streaming")
+            )
+            if bad.height:
+                return f"{imp.origin}: column '{col}' row {bad['_i'][0] + 1}: value {bad[col][0]!r} {what}"
+    except pl.exceptions.PolarsError:
+        return None
+    return None
+
+
+def check_ids(imp: Imported, ev: Optional[pl.LazyFrame] = None) -> int:
+    """Number of events in ``ev`` (default: all); fails naming the file, column and row of an empty
+    user or item cell. One streaming pass: the build's event count and this check share it."""
+    ev = imp.events if ev is None else ev
+    empty = lambda c: pl.col(c).is_null() | (pl.col(c).str.len_bytes() == 0)  # noqa: E731
+    counts = ev.select(n=pl.len(), u=empty("user").sum(), i=empty("item").sum()).collect(engine="streaming")
+    for col, n in (("user", counts["u"][0]), ("item", counts["i"][0])):
+        if n:
+            row = ev.filter(empty(col)).select("_row").head(1).collect(engine="streaming")["_row"][0]
+            raise DataError(f"{imp.origin or imp.description}: column '{col}' row {row + 1} is empty ({n} empty {col} cell(s)); every event needs a user and an item id")
+    return int(counts["n"][0])
 
 
 def _ts_expr(col: str, dtype: pl.DataType, fmt: Optional[str]) -> pl.Expr:
@@ -80,6 +212,8 @@ def _ts_expr(col: str, dtype: pl.DataType, fmt: Optional[str]) -> pl.Expr:
         return c.cast(pl.Datetime("us")).dt.epoch("s")
     if dtype == pl.Utf8 and fmt:
         return c.str.strptime(pl.Datetime("us"), fmt, strict=True).dt.epoch("s")
+    if dtype == pl.Utf8:  # CSV columns are read as text: integers exactly, "1.5e9" through a float
+        return pl.coalesce(c.cast(pl.Int64, strict=False), c.cast(pl.Float64, strict=True).cast(pl.Int64))
     if dtype.is_float():
         return c.cast(pl.Int64, strict=True)
     return c.cast(pl.Int64, strict=True)
@@ -117,6 +251,11 @@ def _probe(lf: pl.LazyFrame, schema, origin: str, fmt: Optional[str]) -> None:
     head = lf.head(_PROBE_ROWS).collect()
     if head.height == 0:
         raise DataError(f"{origin}: empty input (no events)")
+    for col in ("user", "item"):  # the rest of the file is checked by check_ids() during the build
+        v = head[col].cast(pl.Utf8, strict=False)
+        bad = v.is_null() | (v.str.len_bytes() == 0)
+        if bad.any():
+            raise DataError(f"{origin}: column '{col}' row {int(bad.arg_max()) + 1} is empty; every event needs a user and an item id")
     for col in ("ts", "value"):
         if col not in schema or schema[col].is_temporal() or (col == "ts" and fmt):
             continue
@@ -152,10 +291,9 @@ def scan_table(path: Path, separator: Optional[str] = None, has_header: bool = T
         return pl.scan_parquet(target)
     if suffix in (".csv", ".tsv", ".txt", ".dat", ".data"):
         sep = separator or ("\t" if suffix == ".tsv" else ",")
-        return pl.scan_csv(
-            target, separator=sep, has_header=has_header, new_columns=new_columns, infer_schema_length=10000,
-            schema_overrides={c: pl.Utf8 for c in (new_columns or [])[:2]} or None,
-        )
+        # every column as text: normalise() casts it and names the row of a bad value
+        # (a type inferred from the first rows would fail later inside the reader)
+        return pl.scan_csv(target, separator=sep, has_header=has_header, new_columns=new_columns, infer_schema=False)
     if suffix in (".jsonl", ".ndjson", ".json"):
         return pl.scan_ndjson(target, infer_schema_length=10000)
     raise DataError(f"{path}: unsupported table format '{suffix}' (use .parquet, .csv, .tsv or .jsonl)")
@@ -181,7 +319,32 @@ def _items_frame(path: Optional[str], columns: Optional[dict] = None) -> Optiona
         src = mapping.get(attr, attr)
         if src in names_:
             keep[src] = attr
-    return lf.select([pl.col(k).alias(v) for k, v in keep.items()]).with_columns(pl.col("item").cast(pl.Utf8))
+    for ours, theirs in mapping.items():
+        if ours != "item" and theirs not in names_ and columns and ours in columns:
+            raise DataError(f"{p}: column '{theirs}' (mapped to {ours}) not found; columns are {', '.join(names_)}")
+    out = lf.select([pl.col(k).alias(v) for k, v in keep.items()]).with_columns(pl.col("item").cast(pl.Utf8))
+    if "price" in keep.values():
+        out = out.with_columns(pl.col("price").cast(pl.Float64, strict=False))
+    check_catalog(out, str(p))
+    return out
+
+
+def check_catalog(items: Union[pl.DataFrame, pl.LazyFrame], origin: str) -> None:
+    """A catalog names each item once and has no empty id (the build would otherwise pick one row silently)."""
+    try:
+        ids = items.lazy().select(pl.col("item").cast(pl.Utf8)).with_row_index("_r").collect(engine="streaming")
+    except pl.exceptions.PolarsError as exc:
+        raise translate(exc, origin) from None
+    empty = ids["item"].is_null() | (ids["item"].str.len_bytes() == 0)
+    if empty.any():
+        raise DataError(f"{origin}: item catalog row {int(empty.arg_max()) + 1}: empty item id")
+    dup = ids.filter(pl.col("item").is_duplicated())
+    if dup.height:
+        first = dup["item"][0]
+        rows = dup.filter(pl.col("item") == first)["_r"].to_list()
+        n = dup["item"].n_unique()
+        raise DataError(f"{origin}: item catalog has duplicate item id {first!r} (rows {', '.join(str(r + 1) for r in rows[:5])})"
+                        + (f" and {n - 1} more duplicated id(s)" if n > 1 else ""))
 
 
 # ---------------------------------------------------------------- importers
@@ -191,11 +354,27 @@ def import_synth(path: Path, **_) -> Imported:
     ev = path / "events.parquet"
     if not ev.is_file():
         raise DataError(f"synth: {ev} not found (run `ecomtrain data synth --out {path}` first)")
+    try:
+        names_ = pl.scan_parquet(ev).collect_schema().names()
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"{ev}: not a readable Parquet file ({_first_line(exc)})") from None
+    need = ("user_id", "item_id", "timestamp", "event_type")
+    for col in need:
+        if col not in names_:
+            raise DataError(f"{ev}: missing column '{col}' (a synth events.parquet has {', '.join(need)}, channel, value; it has {', '.join(names_)})")
     lf = pl.scan_parquet(ev).rename({"user_id": "user", "item_id": "item", "timestamp": "ts", "event_type": "event"})
-    items = None
+    items, items_origin = None, None
     if (path / "items.parquet").is_file():
-        items = pl.read_parquet(path / "items.parquet").rename({"item_id": "item"})
-    return Imported(normalise(lf, str(ev)), items, f"synth folder {path}")
+        items_origin = str(path / "items.parquet")
+        try:
+            items = pl.read_parquet(path / "items.parquet")
+        except pl.exceptions.PolarsError as exc:
+            raise DataError(f"{items_origin}: not a readable Parquet file ({_first_line(exc)})") from None
+        if "item_id" not in items.columns:
+            raise DataError(f"{items_origin}: missing column 'item_id' (it has {', '.join(items.columns)})")
+        items = items.rename({"item_id": "item"})
+        check_catalog(items, items_origin)
+    return imported(lf, str(ev), items, f"synth folder {path}", items_origin=items_origin)
 
 
 # default source column names tried for each field when --columns does not say
@@ -240,7 +419,8 @@ def import_table(
         if req not in select:
             raise DataError(f"{path}: no {req} column found (columns: {', '.join(names_)}); map one with --columns {req}=NAME")
     lf = lf.select([pl.col(src).alias(ours) for ours, src in select.items()])
-    return Imported(normalise(lf, str(path), timestamp_format=timestamp_format), _items_frame(items, item_columns), f"table {path}")
+    return imported(lf, str(path), _items_frame(items, item_columns), f"table {path}", timestamp_format=timestamp_format,
+                    items_origin=str(items) if items else None)
 
 
 @register("seq")
@@ -268,7 +448,7 @@ def import_seq(path: Path, **_) -> Imported:
         .rename({"items": "item"})
         .select("user", "item", "ts")
     )
-    return Imported(normalise(toks, str(path)), None, f"sequence file {path}")
+    return imported(toks, str(path), None, f"sequence file {path}")
 
 
 from . import importers_public  # noqa: E402,F401  (registers movielens, amazon-reviews, retailrocket, taobao)

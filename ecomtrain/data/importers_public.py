@@ -20,7 +20,7 @@ from typing import Optional
 
 import polars as pl
 
-from .importers import DataError, Imported, normalise, register, scan_table
+from .importers import DataError, Imported, imported, register, scan_table
 
 _ML_GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -60,10 +60,9 @@ def import_movielens(path: Path, **_) -> Imported:
     if name.endswith(".dat"):
         lf = _split_lines(ratings, "::", ["user", "item", "value", "ts"])
     elif name == "u.data" or name.endswith(".data"):
-        lf = pl.scan_csv(ratings, has_header=False, separator="\t", new_columns=["user", "item", "value", "ts"],
-                         schema_overrides={"user": pl.Utf8, "item": pl.Utf8})
+        lf = pl.scan_csv(ratings, has_header=False, separator="\t", new_columns=["user", "item", "value", "ts"], infer_schema=False)
     else:
-        lf = pl.scan_csv(ratings, schema_overrides={"userId": pl.Utf8, "movieId": pl.Utf8}).rename(
+        lf = pl.scan_csv(ratings, infer_schema=False).rename(
             {"userId": "user", "movieId": "item", "rating": "value", "timestamp": "ts"}, strict=False)
     lf = lf.with_columns(event=pl.lit("rating"))
     items = None
@@ -85,7 +84,7 @@ def import_movielens(path: Path, **_) -> Imported:
             df = pl.read_csv(movies, schema_overrides={"movieId": pl.Utf8})
             rows = list(zip(df["movieId"], df["title"], df["genres"].str.replace_all(r"\|", ", ")))
         items = pl.DataFrame(rows, schema={"item": pl.Utf8, "title": pl.Utf8, "category": pl.Utf8}, orient="row")
-    return Imported(normalise(lf, str(ratings)), items, f"movielens {ratings}")
+    return imported(lf, str(ratings), items, f"movielens {ratings}")
 
 
 @register("amazon-reviews")
@@ -135,7 +134,7 @@ def import_amazon_reviews(path: Path, items: Optional[str] = None, **_) -> Impor
         if "price" in mn:  # a number, null, or strings like "None" / "$12.99"
             cols.append(pl.col("price").cast(pl.Utf8).str.replace_all(r"[$,]", "").cast(pl.Float64, strict=False).alias("price"))
         item_df = m.select(cols)
-    return Imported(normalise(ev, str(path)), item_df, f"amazon reviews {path}")
+    return imported(ev, str(path), item_df, f"amazon reviews {path}", items_origin=str(meta) if meta is not None else None)
 
 
 _RR_EVENTS = {"view": "view", "addtocart": "cart", "transaction": "purchase"}
@@ -169,7 +168,7 @@ def import_retailrocket(path: Path, **_) -> Imported:
             .agg(pl.col("value").last().alias("category"))
             .rename({"itemid": "item"})
         )
-    return Imported(normalise(ev, str(events)), items, f"retailrocket {events}")
+    return imported(ev, str(events), items, f"retailrocket {events}")
 
 
 _TAOBAO_EVENTS = {"pv": "view", "cart": "cart", "buy": "purchase", "fav": "fav"}
@@ -182,13 +181,19 @@ def import_taobao(path: Path, **_) -> Imported:
     if f is None:
         raise DataError(f"taobao: no UserBehavior.csv in {path}")
     cols = ["user", "item", "category", "behavior", "ts"]
+    if f.stat().st_size == 0:
+        raise DataError(f"{f}: empty file")
+    try:
+        width = pl.read_csv(f, has_header=False, n_rows=1, infer_schema=False, encoding="utf8-lossy").width
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"{f}: not a readable CSV file ({exc})") from None
+    if width != 5:
+        raise DataError(f"{f}: expected 5 columns ({','.join(cols)}), got {width}")
     lf = scan_table(f, has_header=False, new_columns=cols)
-    if len(lf.collect_schema().names()) != 5:
-        raise DataError(f"{f}: expected 5 columns ({','.join(cols)}), got {len(lf.collect_schema().names())}")
     ev = lf.select(
         pl.col("user").cast(pl.Utf8), pl.col("item").cast(pl.Utf8), pl.col("ts"),
         pl.col("behavior").replace_strict(_TAOBAO_EVENTS, default=pl.col("behavior")).alias("event"),
     )
     # the category rides on every event; the catalog keeps the first seen per item
     items = lf.select(pl.col("item").cast(pl.Utf8), pl.col("category").cast(pl.Utf8)).unique("item", keep="any")
-    return Imported(normalise(ev, str(f)), items, f"taobao {f}")
+    return imported(ev, str(f), items, f"taobao {f}")

@@ -1,10 +1,16 @@
-"""``ecomtrain data inspect DIR``: summary + verification against manifest.json."""
+"""``ecomtrain data inspect DIR [--ranks N --workers W]``: summary + verification against manifest.json.
+
+Exit 0 when every shard matches; otherwise every problem is printed (stdout) and
+the command fails like any bad input: ``error: <first problem> (+N more)`` on
+stderr, exit status 2.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .build import SPLITS, load_manifest, sha256_file
+from .importers import DataError
 
 
 def verify_shards(root: Path, manifest: dict) -> list[str]:
@@ -19,13 +25,20 @@ def verify_shards(root: Path, manifest: dict) -> list[str]:
             if not path.is_file():
                 problems.append(f"{path}: missing")
                 continue
+            size, want = path.stat().st_size, sh.get("bytes")
+            if want is not None and size != want:
+                problems.append(f"{path}: {size} bytes, manifest.json says {want} (truncated or replaced)")
+                continue
             if sha256_file(path) != sh.get("sha256"):
                 problems.append(f"{path}: sha256 differs from manifest.json")
                 continue
             try:
                 n = sum(1 for _ in _iter_shard(path))
+            except DataError as exc:  # a refused member (pickle): the message names shard and member
+                problems.append(str(exc))
+                continue
             except Exception as exc:  # noqa: BLE001 - report any unreadable shard
-                problems.append(f"{path}: unreadable ({exc})")
+                problems.append(f"{path}: unreadable ({type(exc).__name__}: {exc})")
                 continue
             if n != sh["num_samples"]:
                 problems.append(f"{path}: {n} samples, manifest.json says {sh['num_samples']}")
@@ -40,8 +53,28 @@ def _fmt_counts(d: dict) -> str:
     return ", ".join(f"{k} {v:,} ({100 * v / total:.1f}%)" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
 
 
-def inspect_dataset(path: str) -> int:
-    """Print a summary, verify every shard; 0 when valid, 1 on any mismatch."""
+def check_readers(root: Path, manifest: dict, ranks: int, workers: int = 1) -> list[str]:
+    """Problems a training run on ``ranks`` x ``workers`` readers would meet (a split empty for one of them)."""
+    from .shardio import balance_shards
+
+    readers = ranks * max(1, workers)
+    problems = []
+    info = manifest["splits"].get("train", {"shards": [], "num_samples": 0})
+    nonempty = [s["name"] for s in info["shards"] if s["num_samples"] > 0]
+    if any(not b for b in balance_shards(info["shards"], readers)):
+        problems.append(
+            f"{root}: split 'train' is empty for some of {ranks} rank(s) x {max(1, workers)} worker(s): {len(nonempty)} "
+            f"non-empty shard(s) ({', '.join(nonempty[:3])}{' ...' if len(nonempty) > 3 else ''}) for {readers} readers; "
+            f"rebuild with a smaller --shard-max-samples"
+        )
+    for split in ("val", "test"):
+        if manifest["splits"].get(split, {}).get("num_samples", 0) == 0:
+            problems.append(f"{root}: split '{split}' is empty (0 samples)")
+    return problems
+
+
+def inspect_dataset(path: str, ranks: int = 1, workers: int = 1) -> int:
+    """Print a summary, verify every shard; 0 when valid, DataError (exit 2) naming the first problem otherwise."""
     root = Path(path)
     m = load_manifest(root)
     st = m.get("stats", {})
@@ -63,10 +96,13 @@ def inspect_dataset(path: str) -> int:
         info = m["splits"].get(s, {"num_samples": 0, "shards": []})
         print(f"  {s:5s} {info['num_samples']:>12,} samples in {len(info['shards'])} shards")
     problems = verify_shards(root, m)
+    if ranks > 1 or workers > 1:
+        problems += check_readers(root, m, ranks, workers)
     if problems:
         print(f"FAILED: {len(problems)} problem(s)")
         for p in problems:
             print(f"  - {p}")
-        return 1
+        more = f" (+{len(problems) - 1} more problem(s), listed above)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}")
     print("OK: every shard matches manifest.json (sha256, sample counts)")
     return 0

@@ -15,14 +15,15 @@ Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
   padding rows with ``weight = 0`` so all ranks run the same number of batches.
 - Only ``.json`` members are decoded; anything else (``.pyd``, ``.pickle``...)
   is refused: shards never carry pickle.
-- An unreadable shard, or one whose size / sample count differs from the
-  manifest (truncated), is skipped and counted once; beyond
+- An unreadable shard, or one whose size / sample count / sha256 (hashed
+  while read) differs from the manifest (truncated, altered), is skipped and counted once; beyond
   ``max_corrupt_fraction`` of the shards the reader fails naming the shard.
   Each reader counts the shards it reads, so the limit applies per reader.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import tarfile
 from pathlib import Path
@@ -32,18 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .importers import DataError
-from .shardio import ALLOWED_MEMBERS, _iter_shard  # noqa: F401  (re-exported)
-
-
-def balance_shards(shards: list[dict], readers: int) -> list[list[dict]]:
-    """Deal non-empty shards to readers, largest first, to the lightest reader."""
-    buckets: list[list[dict]] = [[] for _ in range(readers)]
-    loads = [0] * readers
-    for sh in sorted((s for s in shards if s["num_samples"] > 0), key=lambda s: (-s["num_samples"], s["name"])):
-        j = min(range(readers), key=lambda k: (loads[k], k))
-        buckets[j].append(sh)
-        loads[j] += sh["num_samples"]
-    return buckets
+from .shardio import ALLOWED_MEMBERS, _iter_shard, balance_shards  # noqa: F401  (re-exported)
 
 
 class ShardStream(IterableDataset):
@@ -96,8 +86,10 @@ class ShardStream(IterableDataset):
             self.assignment = balance_shards(self.shards, readers)
             if any(not b for b in self.assignment):
                 nonempty = sum(1 for s in self.shards if s["num_samples"] > 0)
+                names = [s["name"] for s in self.shards if s["num_samples"] > 0]
                 raise DataError(
-                    f"{self.root}: split '{split}' has {nonempty} non-empty shards but {world_size} ranks x "
+                    f"{self.root}: split '{split}' is empty for some ranks: {nonempty} non-empty shard(s) "
+                    f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) but {world_size} ranks x "
                     f"{self.num_workers} workers = {readers} readers need one each; rebuild with a smaller "
                     f"shard_max_samples or lower data.num_workers"
                 )
@@ -152,12 +144,18 @@ class ShardStream(IterableDataset):
                     if want is not None and size != want:
                         raise ValueError(f"{size} bytes, manifest.json says {want} (truncated?)")
                     n = 0
-                    for s in _iter_shard(path):
+                    digest = hashlib.sha256() if sh.get("sha256") else None
+                    for s in _iter_shard(path, digest):
                         n += 1
                         yielded = True
                         yield s
                     if n != sh["num_samples"]:
                         raise ValueError(f"{n} samples, manifest.json says {sh['num_samples']} (truncated?)")
+                    # hashed while read (no second pass): a same-size shard with other bytes
+                    # fails here, after its samples went out (a run with
+                    # max_corrupt_fraction=0, the default, stops on it)
+                    if digest is not None and digest.hexdigest() != sh["sha256"]:
+                        raise ValueError("sha256 differs from manifest.json")
                 except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
                     if isinstance(exc, DataError) and "pickle" in str(exc):
                         raise

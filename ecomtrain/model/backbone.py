@@ -134,9 +134,22 @@ class ItemLM(nn.Module):
         out = core.model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
-    def item_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = causal_core(self.lm).lm_head(hidden)
-        return logits[..., self.vocab.offset : self.vocab.offset + self.vocab.num_items]
+    def item_logits(self, hidden: torch.Tensor, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Logits of item columns ``lo .. hi-1`` (column j = item j+1): ``[..., hi-lo]``.
+
+        A plain ``nn.Linear`` head (tied or not) is sliced to rows ``offset+lo .. offset+hi`` and
+        only those are multiplied, so scoring a chunk of a 1 M-item catalog costs the chunk, not the
+        vocabulary. A wrapped head (peft trainable tokens) or a ZeRO-3-partitioned weight runs whole
+        and is sliced after (correct, not cheaper).
+        """
+        hi = self.vocab.num_items if hi is None else hi
+        a, b = self.vocab.offset + lo, self.vocab.offset + hi
+        head = causal_core(self.lm).lm_head
+        full = lo == 0 and hi == self.vocab.num_items
+        if not full and type(head) is nn.Linear and head.weight.dim() == 2 and head.weight.shape[0] >= b:
+            bias = head.bias[a:b] if head.bias is not None else None
+            return nn.functional.linear(hidden, head.weight[a:b], bias)
+        return head(hidden)[..., a:b]
 
     def forward(self, items: torch.Tensor, positions: Optional[torch.Tensor] = None, side: Optional[dict] = None) -> torch.Tensor:
         """Item logits at every position ([B,T,N]) or at ``positions`` ([B,N])."""

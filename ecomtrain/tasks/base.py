@@ -42,6 +42,7 @@ class TaskContext:
     data_path: str = ""
     inputs: dict = field(default_factory=dict)  # model.inputs flags: event_types, channels, time_gaps
     eval_cfg: Any = None  # the recipe's EvalConfig (evaluators read their knobs from it)
+    catalog: dict = field(default_factory=dict)  # optional per-item extras: 'category' codes, 'titles' (index j = item j+1)
 
 
 def stable_hash(text: Any) -> int:
@@ -201,7 +202,7 @@ def sub_batch(task: Task, sub: Task, batch: dict) -> dict:
     return out
 
 
-def build_tasks(cfg, manifest: dict, item_counts: Optional[list[int]] = None) -> Task:
+def build_tasks(cfg, manifest: dict, item_counts: Optional[list[int]] = None, catalog: Optional[dict] = None) -> Task:
     """The recipe's task(s) for a built dataset (checked against it): one Task or a MultiTask."""
     from . import task_class
 
@@ -210,6 +211,7 @@ def build_tasks(cfg, manifest: dict, item_counts: Optional[list[int]] = None) ->
         item_counts=list(item_counts) if item_counts is not None else [0] * int(manifest["num_items"]),
         ks=tuple(cfg.eval.ks), exclude_seen=cfg.eval.exclude_seen, packing=cfg.data.packing, seed=cfg.run.seed,
         data_path=str(cfg.data.path), inputs=cfg.model.inputs.model_dump(), eval_cfg=cfg.eval,
+        catalog={k: v for k, v in (catalog or {}).items() if v is not None},
     )
     tasks = [task_class(tc.name)(tc, ctx) for tc in cfg.task]
     out = tasks[0] if len(tasks) == 1 else MultiTask(tasks)

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..metrics import RankingMetrics
 from ..model.side_inputs import side_lists
 from . import register_task
 from .base import Task, TaskContext
@@ -113,7 +112,7 @@ class NextItemTask(Task):
     """Full-catalog next-item ranking; metrics.json keys are the contract's (test/ndcg@10, ...)."""
 
     def __init__(self, cfg=None, ctx: Optional[TaskContext] = None, *, num_items: Optional[int] = None, max_history: Optional[int] = None,
-                 label_smoothing: Optional[float] = None, packing: Optional[bool] = None):
+                 label_smoothing: Optional[float] = None, packing: Optional[bool] = None, consistency_weight: Optional[float] = None):
         if isinstance(cfg, int):  # NextItemTask(num_items, max_history) -- the pre-registry form
             num_items, cfg = cfg, None
             if isinstance(ctx, int):
@@ -124,6 +123,9 @@ class NextItemTask(Task):
         self.label_smoothing = label_smoothing if label_smoothing is not None else float(getattr(cfg, "label_smoothing", 0.0))
         self.packing = packing if packing is not None else ctx.packing
         self.flags = dict(ctx.inputs)
+        # task.consistency_weight (see consistency.prefix_kl)
+        self.consistency_weight = consistency_weight if consistency_weight is not None else float(getattr(cfg, "consistency_weight", 0.0))
+        self.last_consistency = None
         # a harmless row for padding eval batches (its weight is 0)
         self.pad_sample = {"items": [1], "target": 1}
 
@@ -154,6 +156,8 @@ class NextItemTask(Task):
             "lengths": torch.tensor([max(1, len(h)) for h in hist]),
             "target": torch.tensor([s["target"] for s in samples], dtype=torch.long),
             "seen": _pad([s["items"] for s in samples]),
+            # aligned with "seen" (indices into manifest["channels"]); used by consistency metrics
+            "channels": _pad([s.get("channels") or [0] * len(s["items"]) for s in samples]),
         }
         side = _side(samples, [(max(0, k - self.max_history), k) for k in n], self.flags)
         if side:
@@ -170,8 +174,21 @@ class NextItemTask(Task):
             head, batch = None, head
         labels = batch["labels"]
         mask = labels > 0
-        logits = net.item_logits(net.hidden(batch["items"], position_ids=batch.get("position_ids"), side=batch.get("side"))[mask])
-        return F.cross_entropy(logits.float(), labels[mask] - 1, label_smoothing=self.label_smoothing)
+        pos = batch.get("position_ids")
+        logits = net.item_logits(net.hidden(batch["items"], position_ids=pos, side=batch.get("side"))[mask])
+        loss = F.cross_entropy(logits.float(), labels[mask] - 1, label_smoothing=self.label_smoothing)
+        if self.consistency_weight > 0:
+            from ..consistency import prefix_kl
+
+            # packed rows: consecutive slots of different users are no pair (position_ids restart)
+            self.last_consistency = prefix_kl(logits, mask, pos)
+            loss = loss + self.consistency_weight * self.last_consistency
+        return loss
+
+    def train_logs(self) -> dict:
+        if self.consistency_weight > 0 and self.last_consistency is not None:
+            return {"train/consistency_kl": self.last_consistency.detach()}
+        return {}
 
     def scores(self, net, batch: dict) -> torch.Tensor:
         """Item scores [B, N] at each user's last history position."""
@@ -201,37 +218,34 @@ class NextItemTask(Task):
 
 
 class NextItemEvaluator(nn.Module):
-    """Primary protocol, the other seen-items protocol, and the popularity baseline."""
+    """Full-catalog ranking through serve/evaluation.EvalSuite (chunked, bounded memory): the primary
+    protocol, the other seen-items protocol, the popularity baseline, beyond-accuracy and consistency."""
 
     def __init__(self, task: NextItemTask, stage: str):
         super().__init__()
+        from ..serve.evaluation import EvalSuite
+
+        ctx = task.ctx
         self.task, self.stage = task, stage
-        self.excl = task.ctx.exclude_seen
-        ks = task.ctx.ks
-        self.main, self.alt, self.pop = RankingMetrics(ks), RankingMetrics(ks), RankingMetrics(ks)
-        self.register_buffer("popularity", torch.tensor(task.ctx.item_counts, dtype=torch.float32), persistent=False)
+        counts = torch.tensor(ctx.item_counts, dtype=torch.float32)
+        cat = ctx.catalog.get("category")
+        self.suite = EvalSuite(ctx.eval_cfg, ctx.num_items, ctx.max_history, counts, stage,
+                               torch.tensor(cat, dtype=torch.long) if cat is not None else None,
+                               ctx.manifest.get("channels") or [], ctx.catalog.get("titles"))
+        self.register_buffer("popularity", counts, persistent=False)
 
     @torch.no_grad()
     def update(self, net, head, batch: dict) -> None:
-        scores = self.task.scores(net, batch)
-        target, weight = batch["target"] - 1, batch.get("weight")
-        excl = NextItemTask.mask_seen(scores, batch["seen"])
-        main, alt = (excl, scores) if self.excl else (scores, excl)
-        self.main.update(main, target, weight)
-        self.alt.update(alt, target, weight)
-        pop = self.popularity.unsqueeze(0).expand(len(target), -1)
-        if self.excl:
-            pop = NextItemTask.mask_seen(pop, batch["seen"])
-        self.pop.update(pop, target, weight)
+        self.suite.update(net, batch, self.popularity)
 
     def compute(self) -> dict:
-        stage = self.stage
-        alt_name = "incl_seen" if self.excl else "excl_seen"
-        out = {}
-        for m, prefix in ((self.main, f"{stage}/"), (self.alt, f"{stage}/{alt_name}/"), (self.pop, f"baseline/popularity/{stage}/")):
-            out.update({prefix + k: v for k, v in m.compute().items()})
-        return out
+        return self.suite.compute(self.stage)
+
+    def log_extra(self, loggers, values: dict, step: int) -> None:
+        from ..serve.evaluation import log_to_wandb
+
+        if self.task.ctx.eval_cfg.sample_users:
+            log_to_wandb(loggers, self.stage, self.suite, values, step)
 
     def reset(self) -> None:
-        for m in (self.main, self.alt, self.pop):
-            m.reset()
+        self.suite.reset()

@@ -15,7 +15,10 @@ def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
     return resolve_checkpoint(run_dir, ckpt)
 
 
-def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: Optional[list[str]] = None) -> dict:
+def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: Optional[list[str]] = None,
+             against: Optional[str] = None) -> dict:
+    """Metrics of ``ckpt`` on ``split``; with ``against`` (another run folder, checkpoint or export
+    over the same catalog) also the agreement of the two models' top-K lists (run consistency)."""
     import lightning as L
 
     from ..data.build import load_manifest
@@ -45,6 +48,20 @@ def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: O
             load = consolidate_deepspeed(path, Path(td) / "consolidated.ckpt")
         for res in run(module, datamodule=dm, ckpt_path=str(load), verbose=False):
             out.update({k: float(v) for k, v in res.items()})
+    if against:
+        out.update(_run_agreement(rd, path, against, cfg, manifest, split, overrides))
     out["eval/exclude_seen"] = bool(cfg.eval.exclude_seen)
     out["eval/checkpoint"] = str(path)
     return dict(sorted(out.items()))
+
+
+def _run_agreement(rd: Path, path: Path, against: str, cfg, manifest: dict, split: str, overrides) -> dict:
+    from ..consistency import run_agreement
+    from ..data.stream import _iter_shard
+    from ..serve.recommend import Recommender
+
+    hist = [s["items"] for sh in manifest["splits"][split]["shards"] for s in _iter_shard(Path(cfg.data.path) / sh["name"])]
+    a = Recommender.from_pretrained(rd, ckpt=str(path), device="cpu", overrides=overrides)
+    b = Recommender.from_pretrained(against, device="cpu", overrides=overrides)
+    k = cfg.eval.consistency_k
+    return {f"{split}/consistency/runs/{key}": v for key, v in run_agreement(a, b, hist, k).items()}

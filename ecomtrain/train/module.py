@@ -24,11 +24,11 @@ from . import _test_hooks
 _META = ("num_items", "event_types", "channels", "sample_fields", "source")
 
 
-def make_task(cfg: Recipe, manifest, item_counts: Optional[list[int]] = None) -> Task:
+def make_task(cfg: Recipe, manifest, item_counts: Optional[list[int]] = None, catalog: Optional[dict] = None) -> Task:
     """The recipe's task(s) for a dataset (``manifest`` dict, or just the catalog size); see tasks/."""
     if isinstance(manifest, int):
         manifest = {"num_items": manifest}
-    return build_tasks(cfg, manifest, item_counts)
+    return build_tasks(cfg, manifest, item_counts, catalog)
 
 
 def lr_lambda(step: int, total: int, warmup: int, kind: str, min_ratio: float) -> float:
@@ -50,14 +50,19 @@ def module_for_dataset(cfg: Recipe, manifest: dict) -> "RecModule":
 
     from ..config import redact
 
-    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"])
-    counts = items.sort("idx")["train_count"].to_list()
+    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet")).sort("idx")
+    counts = items["train_count"].to_list()
+    # category codes (intra-list diversity) and titles (W&B sample table); both optional in a catalog
+    cats = items["category"].cast(pl.Utf8).cast(pl.Categorical).to_physical().fill_null(-1).to_list() if "category" in items.columns else None
+    titles = items["title"].cast(pl.Utf8).to_list() if "title" in items.columns else None
     meta = {k: manifest[k] for k in _META if k in manifest}
-    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts, data_meta=meta)
+    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts, data_meta=meta,
+                     item_category=cats, item_titles=titles)
 
 
 class RecModule(L.LightningModule):
-    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None, data_meta: Optional[dict] = None):
+    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None, data_meta: Optional[dict] = None,
+                 item_category: Optional[list[int]] = None, item_titles: Optional[list] = None, channels: Optional[list] = None):
         super().__init__()
         # only the (secret-free) recipe, vocabulary size and the dataset's event/channel vocabularies go into checkpoints
         hp = {"recipe": recipe, "num_items": num_items}
@@ -68,7 +73,10 @@ class RecModule(L.LightningModule):
         check_method_supported(self.cfg)  # e.g. qlora without CUDA: fail before any model is built
         self.num_items = num_items
         self.data_meta = {"num_items": num_items, **(data_meta or {})}
-        self.task = make_task(self.cfg, self.data_meta, item_counts)
+        if channels is not None and "channels" not in self.data_meta:
+            self.data_meta["channels"] = list(channels)
+        # catalog extras for evaluators (category codes: diversity; titles: the W&B sample table)
+        self.task = make_task(self.cfg, self.data_meta, item_counts, {"category": item_category, "titles": item_titles})
         counts = torch.tensor(item_counts if item_counts is not None else [0] * num_items, dtype=torch.float32)
         self.register_buffer("popularity", counts, persistent=False)
         self.net: Optional[ItemLM] = None

@@ -39,33 +39,62 @@ def resolve_run_dir(cfg: Recipe) -> Path:
 
 
 def ensure_dataset(cfg: Recipe, log=print) -> dict:
-    """Build ``data.path`` from ``data.build`` when it has no manifest yet."""
+    """The dataset at ``data.path``, built from ``data.build`` when missing or (data.rebuild=auto) stale.
+
+    With ``data.build`` set, the dataset's fingerprint (manifest.json ``build``:
+    sha256 of the build options and the input's size/mtime) must match the
+    recipe's: otherwise the run stops naming data.path and the differing
+    options (data.rebuild=error, the default) or rebuilds it atomically
+    (data.rebuild=auto). Without ``data.build`` the folder is used as it is.
+    """
+    from ..config import RecipeError
     from ..data import build as B
     from ..data import importers, synth
 
     root = Path(cfg.data.path)
-    if (root / "manifest.json").is_file():
-        return B.load_manifest(root)
-    if cfg.data.build is None:
-        return B.load_manifest(root)  # raises the clear "no manifest" error
+    bc = cfg.data.build
+    if bc is None:
+        return B.load_manifest(root)  # raises the clear "no manifest" error when missing
+
+    def stale(m: dict) -> list[str]:
+        return B.fingerprint_diff(m, bc)
+
+    def current() -> Optional[dict]:
+        if not (root / "manifest.json").is_file():
+            return None
+        m = B.load_manifest(root)
+        diffs = stale(m)
+        if diffs and cfg.data.rebuild == "error":
+            raise B.DataError(
+                f"data.path {root} holds a dataset built with other options than data.build: {'; '.join(diffs)}; "
+                f"set data.rebuild=auto to rebuild it, point data.path elsewhere, or remove data.build to use it as it is"
+            )
+        return None if diffs else m
+
+    m = current()
+    if m is not None:
+        return m
     if global_rank() != 0:
-        for _ in range(3600):  # rank 0 builds; the others wait (up to 1 h)
-            if (root / "manifest.json").is_file():
-                return B.load_manifest(root)
+        for _ in range(3600):  # rank 0 builds; the others wait (up to 1 h) for a dataset that matches
+            try:
+                m = B.load_manifest(root) if (root / "manifest.json").is_file() else None
+            except B.DataError:  # caught inside rank 0's swap (manifest moved out for milliseconds)
+                m = None
+            if m is not None and not stale(m):
+                return m
             time.sleep(1)
         raise TimeoutError(f"waited 1 h for rank 0 to build {root}")
-    bc = cfg.data.build
+    if (root / "manifest.json").is_file():
+        log(f"data.rebuild=auto: rebuilding {root} ({'; '.join(stale(B.load_manifest(root)))})")
     src = bc.input
     if bc.source == "synth" and src is None:
-        src = str(root / "raw")
+        src = str(root / "raw")  # generated from data.build.synth, which the fingerprint covers
         log(f"generating synthetic events into {src}")
         synth.write(src, **bc.synth.model_dump())
     if src is None:
-        from ..config import RecipeError
-
         raise RecipeError(f"data.build.input: required for source '{bc.source}'")
     imp = importers.load(bc.source, src, **bc.importer_options())
-    return B.build(imp, root, **bc.build_options(), seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log)
+    return B.build(imp, root, bc, source={"source": bc.source, "input": src}, log=log)
 
 
 def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
