@@ -53,6 +53,10 @@ def load_trained_lm(run_dir: Path, ckpt: str = "last", overrides: Optional[list[
     from .train.checkpointing import load_lightning_state, resolve_checkpoint
 
     cfg = load_recipe(run_dir / "recipe.yaml", overrides or [])
+    on = [k for k, v in cfg.model.inputs.model_dump().items() if v]
+    if on:  # the side-input tables live beside the LM, not in it: a plain HF model would silently lose them
+        raise RecipeError(f"{run_dir}: trained with model.inputs {on} (event-type / channel / time-gap embeddings); "
+                          "export and recommend carry the language model only and would drop them: use `ecomtrain eval`")
     path = resolve_checkpoint(run_dir, ckpt)
     state = load_lightning_state(path)
     num_items = int(state.get("hyper_parameters", {}).get("num_items") or 0)

@@ -236,3 +236,14 @@ def test_packed_side_inputs_same_loss():
     with torch.no_grad():
         assert abs(plain.loss(net, None, plain.collate_train(samples)).item() - a.item()) > 1e-4
     net.side = off
+
+
+def test_export_refuses_side_inputs_it_would_drop(tmp_path):
+    import yaml
+
+    from ecomtrain.export import load_trained_lm
+
+    tree = tiny_recipe(tmp_path, tmp_path, model__inputs={"channels": True})
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    with pytest.raises(RecipeError, match=r"trained with model.inputs \['channels'\]"):
+        load_trained_lm(tmp_path)

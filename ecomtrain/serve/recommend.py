@@ -81,6 +81,9 @@ class Recommender:
         from ..model.backbone import ItemLM
 
         lm, vocab, tok, cfg, _, _ = load_trained_lm(run_dir, ckpt, overrides)
+        if "next_item" not in [t.name for t in cfg.task]:  # only next_item trains the item-token ranking
+            raise RecipeError(f"{run_dir}: recommend ranks the catalog with a next_item model; this run trained "
+                              f"{', '.join(t.name for t in cfg.task)} (use `ecomtrain eval` for its metrics)")
         manifest = load_manifest(cfg.data.path)
         catalog = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"))
         return cls(ItemLM(lm, vocab, tokenizer=tok), catalog, cfg.data.max_history,
