@@ -247,3 +247,21 @@ def test_export_refuses_side_inputs_it_would_drop(tmp_path):
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(tree))
     with pytest.raises(RecipeError, match=r"trained with model.inputs \['channels'\]"):
         load_trained_lm(tmp_path)
+
+
+def test_public_ratings_reach_the_samples(tmp_path):
+    """MovieLens ratings and Amazon review stars become the samples' 'ratings' list and 'target_rating'."""
+    from data_helpers import by_user, read_split
+
+    from ecomtrain.data import build, importers
+
+    (tmp_path / "ratings.dat").write_text("1::10::5::978300760\n1::20::3::978300761\n1::30::4::978300762\n2::20::4::978300000\n2::10::2::978300001\n2::30::5::978300002\n")
+    m = build.build(importers.load("movielens", tmp_path), tmp_path / "ml", log=lambda *_: None)
+    assert "ratings" in m["sample_fields"] and m["num_ratings"] == 6
+    test = by_user(read_split(tmp_path / "ml", "test"))
+    assert test["1"]["ratings"] == [5.0, 3.0] and test["1"]["target_rating"] == 4.0 and test["2"]["target_rating"] == 5.0
+    rows = [{"rating": r, "asin": f"B{i}", "parent_asin": f"P{i}", "user_id": "AG1", "timestamp": 1588687728923 + i} for i, r in enumerate((5.0, 2.0, 3.0))]
+    (tmp_path / "All_Beauty.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build.build(importers.load("amazon-reviews", tmp_path / "All_Beauty.jsonl"), tmp_path / "az", log=lambda *_: None)
+    t = read_split(tmp_path / "az", "test")[0]
+    assert t["ratings"] == [5.0, 2.0] and t["target_rating"] == 3.0
