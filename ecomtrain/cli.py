@@ -132,7 +132,13 @@ def cmd_build(a: argparse.Namespace) -> int:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from .data.inspect import inspect_dataset
 
-    return inspect_dataset(a.dir, ranks=a.ranks, workers=a.workers)
+    rc = inspect_dataset(a.dir, ranks=a.ranks, workers=a.workers)
+    if a.task:
+        from .data.build import load_manifest
+        from .tasks.inspect import describe
+
+        print("\n".join(describe(a.dir, load_manifest(a.dir), a.task, a.samples)))
+    return rc
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -190,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("dir")
     i.add_argument("--ranks", type=int, default=1, help="also check that the train split feeds this many ranks (one non-empty shard each)")
     i.add_argument("--workers", type=int, default=1, help="data loader workers per rank for the --ranks check")
+    i.add_argument("--task", default=None, help="also show what this task reads from a few val samples and what it is asked")
+    i.add_argument("--samples", type=int, default=3, help="--task: how many samples")
     i.set_defaults(fn=cmd_inspect)
 
     t = sub.add_parser("train", help="train, validate and test a recipe; writes RUN_DIR")

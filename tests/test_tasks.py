@@ -265,3 +265,12 @@ def test_public_ratings_reach_the_samples(tmp_path):
     build.build(importers.load("amazon-reviews", tmp_path / "All_Beauty.jsonl"), tmp_path / "az", log=lambda *_: None)
     t = read_split(tmp_path / "az", "test")[0]
     assert t["ratings"] == [5.0, 2.0] and t["target_rating"] == 3.0
+
+
+def test_data_inspect_shows_what_a_task_is_asked(tiny_dataset):
+    from data_helpers import cli
+
+    r = cli("data", "inspect", str(tiny_dataset), "--task", "purchase_intent", "--samples", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "task purchase_intent: 2 val sample(s)" in r.stdout and r.stdout.count("asked: will the user buy") == 2
+    assert "@" in r.stdout.split("task purchase_intent", 1)[1]  # steps show event@channel
