@@ -181,6 +181,9 @@ def _items_frame(path: Optional[str], columns: Optional[dict] = None) -> Optiona
         src = mapping.get(attr, attr)
         if src in names_:
             keep[src] = attr
+    for col in names_:  # other columns travel too: an item-text template may name them
+        if col not in keep and col not in keep.values():
+            keep[col] = col
     return lf.select([pl.col(k).alias(v) for k, v in keep.items()]).with_columns(pl.col("item").cast(pl.Utf8))
 
 
@@ -244,8 +247,9 @@ def import_table(
 
 
 @register("seq")
-def import_seq(path: Path, **_) -> Imported:
-    """One user per line: ``user item item ...`` in chronological order (CRLF ok).
+def import_seq(path: Path, items: Optional[str] = None, **_) -> Imported:
+    """One user per line: ``user item item ...`` in chronological order (CRLF ok); ``items``: an
+    optional catalog table (item, title, brand, category, price, ...) keyed by the same ids.
 
     There are no timestamps: the position in the line is the time, so ties can
     never reorder a user's history.
@@ -268,7 +272,7 @@ def import_seq(path: Path, **_) -> Imported:
         .rename({"items": "item"})
         .select("user", "item", "ts")
     )
-    return Imported(normalise(toks, str(path)), None, f"sequence file {path}")
+    return Imported(normalise(toks, str(path)), _items_frame(items), f"sequence file {path}")
 
 
 from . import importers_public  # noqa: E402,F401  (registers movielens, amazon-reviews, retailrocket, taobao)

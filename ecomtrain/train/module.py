@@ -39,21 +39,28 @@ def lr_lambda(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def module_for_dataset(cfg: Recipe, manifest: dict) -> "RecModule":
-    """The RecModule for a built dataset: its catalog size and train-split popularity."""
+def module_for_dataset(cfg: Recipe, manifest: dict, log=print) -> "RecModule":
+    """The RecModule for a built dataset: its catalog size, train-split popularity, cold items and
+    (model.items text/hybrid, or a pretrained backbone's id init) the item text of model/item_text.py."""
     from pathlib import Path
 
     import polars as pl
 
     from ..config import redact
+    from ..model.item_text import prepare
 
-    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"])
-    counts = items.sort("idx")["train_count"].to_list()
-    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts)
+    path = Path(cfg.data.path) / manifest.get("item_file", "items.parquet")
+    cols = pl.read_parquet_schema(path)
+    items = pl.read_parquet(path, columns=["idx", "train_count"] + (["cold"] if "cold" in cols else [])).sort("idx")
+    counts = items["train_count"].to_list()
+    cold = items["cold"].to_list() if "cold" in items.columns and items["cold"].any() else None
+    return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts,
+                     item_text=prepare(cfg, manifest, log=log), cold=cold)
 
 
 class RecModule(L.LightningModule):
-    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None):
+    def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None, item_text=None,
+                 cold: Optional[list[bool]] = None):
         super().__init__()
         # only the (secret-free) recipe and vocabulary size go into checkpoints
         self.save_hyperparameters({"recipe": recipe, "num_items": num_items})
@@ -63,25 +70,43 @@ class RecModule(L.LightningModule):
         self.task = make_task(self.cfg, num_items)
         counts = torch.tensor(item_counts if item_counts is not None else [0] * num_items, dtype=torch.float32)
         self.register_buffer("popularity", counts, persistent=False)
+        self.item_text = item_text  # model/item_text.ItemText or None (text table: a buffer of net.tower)
+        # cold items (data.build.cold_items): column j is item j+1
+        cold_t = torch.tensor(cold, dtype=torch.bool) if cold is not None else torch.zeros(num_items, dtype=torch.bool)
+        self.register_buffer("cold", cold_t, persistent=False)
+        self.has_cold = cold is not None
         self.net: Optional[ItemLM] = None
         self.primary_excludes_seen = self.cfg.eval.exclude_seen
         ks = self.cfg.eval.ks
+        protos = ("main", "alt", "pop") + (("cold", "warm") if self.has_cold else ())
         self.metrics = nn.ModuleDict(
-            {f"{stage}_{proto}": RankingMetrics(ks) for stage in ("val", "test") for proto in ("main", "alt", "pop")}
+            {f"{stage}_{proto}": RankingMetrics(ks) for stage in ("val", "test") for proto in protos}
         )
 
     # -- model
     def configure_model(self) -> None:
         if self.net is not None:
             return
-        lm, vocab, tok = build_causal_lm(self.cfg.model, self.num_items)
+        mc = self.cfg.model
+        texts = self.item_text.texts if self.item_text is not None else None
+        lm, vocab, tok = build_causal_lm(mc, self.num_items, texts, self.cfg.data.item_text.max_length)
         if self.cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from .peft_compat import cpu_safe_peft
 
         with cpu_safe_peft():  # peft's ZeRO-3 path for item-token rows assumes CUDA
             lm = apply_finetune_method(lm, self.cfg, vocab)
-        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout)
+        tower = None
+        if mc.items != "id":
+            from ..model.items import ItemTower
+
+            if self.item_text is None or self.item_text.table is None:
+                raise ValueError(f"model.items={mc.items}: no item text table (module_for_dataset prepares it)")
+            # items with no training occurrence are scored by text alone in hybrid mode
+            id_free = torch.cat([torch.zeros(1, dtype=torch.bool), self.popularity.cpu() == 0])
+            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free)
+        self.net = ItemLM(lm, vocab, mc.dropout, tok, hidden_dropout=mc.hidden_dropout, mode=mc.items, tower=tower,
+                          id_dropout=mc.item_text.id_dropout)
 
     # -- steps
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
@@ -147,6 +172,11 @@ class RecModule(L.LightningModule):
         if self.primary_excludes_seen:
             pop = NextItemTask.mask_seen(pop, batch["seen"])
         self.metrics[f"{stage}_pop"].update(pop, target, weight)
+        if self.has_cold:
+            is_cold = self.cold[target]
+            for proto, sel in (("cold", is_cold), ("warm", ~is_cold)):
+                if sel.any():
+                    self.metrics[f"{stage}_{proto}"].update(main[sel], target[sel], None if weight is None else weight[sel])
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -157,7 +187,10 @@ class RecModule(L.LightningModule):
     def _log_eval(self, stage: str) -> None:
         alt_name = "incl_seen" if self.primary_excludes_seen else "excl_seen"
         out: dict[str, Any] = {}
-        for proto, prefix in (("main", f"{stage}/"), ("alt", f"{stage}/{alt_name}/"), ("pop", f"baseline/popularity/{stage}/")):
+        protos = [("main", f"{stage}/"), ("alt", f"{stage}/{alt_name}/"), ("pop", f"baseline/popularity/{stage}/")]
+        if self.has_cold:  # same protocol as the primary, targets split by cold / warm item
+            protos += [("cold", f"{stage}_cold/"), ("warm", f"{stage}_warm/")]
+        for proto, prefix in protos:
             m = self.metrics[f"{stage}_{proto}"]
             out.update({prefix + k: v for k, v in m.compute().items()})
             m.reset()
