@@ -341,3 +341,15 @@ def test_cli_one_line_errors(tmp_path, tiny_dataset, capsys):
     assert main(["train", str(tmp_path / "r2.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.item_text.encoder" in err[0] and "not a model folder" in err[0]
+
+
+@pytest.mark.parametrize("mode", ["id", "hybrid"])
+def test_item_logits_chunks_equal_the_full_catalog(mode):
+    torch.manual_seed(3)
+    table = torch.cat([torch.zeros(1, 8), torch.randn(11, 8)])
+    net = _net(mode, table)
+    with torch.no_grad():
+        h = net.hidden(torch.tensor([[1, 2, 3], [4, 0, 0]]))[:, 0]
+        full = net.item_logits(h)
+        parts = torch.cat([net.item_logits(h, lo, min(lo + 4, 11)) for lo in range(0, 11, 4)], -1)
+    assert full.shape == (2, 11) and torch.allclose(parts, full, atol=1e-5)
