@@ -2,13 +2,17 @@
 
     python bench/quality.py recipes/amazon-beauty/full_single.yaml \
         --data ../shared/data/amazon-beauty/sequential_data.txt
+    python bench/quality.py recipes/amazon-beauty-hybrid/full_single.yaml \
+        --data ../shared/data/amazon-beauty/sequential_data.txt \
+        --items ../shared/data/amazon-beauty/items.tsv --label hybrid [data.build.cold_items=0.05]
 
 Builds the dataset (``seq`` importer unless --source says otherwise) into a
 fresh folder, trains with the recipe (only ``data.path``/``data.build`` and
 the run folder are replaced), evaluates on the test split, and prints one
 JSON object: HR@5/10/20, NDCG@5/10/20, MRR with and without the user's seen
 items excluded, the popularity baseline, wall time (build + train + eval),
-seed and protocol. Model selection inside the run uses the validation split
+seed and protocol; with cold items also test_cold/test_warm; the machine's load
+(2-core machines are shared). Model selection inside the run uses the validation split
 only (best checkpoint on val/ndcg@10, early stopping on val).
 """
 
