@@ -353,3 +353,19 @@ def test_item_logits_chunks_equal_the_full_catalog(mode):
         full = net.item_logits(h)
         parts = torch.cat([net.item_logits(h, lo, min(lo + 4, 11)) for lo in range(0, 11, 4)], -1)
     assert full.shape == (2, 11) and torch.allclose(parts, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["text", "hybrid"])
+def test_unseen_items_leave_the_training_softmax_only(mode):
+    torch.manual_seed(4)
+    table = torch.cat([torch.zeros(1, 8), torch.randn(9, 8)])
+    id_free = torch.zeros(10, dtype=torch.bool)
+    id_free[[4, 9]] = True  # items 4 and 9: no training occurrence
+    net = _net(mode, table, id_free)
+    h = torch.randn(3, 64)
+    net.train()
+    tr = net.item_logits(h)
+    assert torch.isinf(tr[:, [3, 8]]).all() and torch.isfinite(tr[:, [0, 1, 2, 4, 5, 6, 7]]).all()
+    assert torch.isinf(net.item_logits(h, 2, 5)[:, 1]).all()  # column 3 inside a chunk
+    net.eval()
+    assert torch.isfinite(net.item_logits(h)).all()
