@@ -369,3 +369,13 @@ def test_unseen_items_leave_the_training_softmax_only(mode):
     assert torch.isinf(net.item_logits(h, 2, 5)[:, 1]).all()  # column 3 inside a chunk
     net.eval()
     assert torch.isfinite(net.item_logits(h)).all()
+
+
+def test_text_and_hybrid_train_under_lora(tmp_path, cold_dataset):
+    """peft without item tokens (text) and with them (hybrid); the text adapter trains outside peft."""
+    from ecomtrain.train.runner import train
+
+    for mode in ("text", "hybrid"):
+        cfg = _cfg(cold_dataset, tmp_path / mode, model__items=mode, finetune__method="lora")
+        m = json.loads((train(cfg, log=lambda *_: None) / "metrics.json").read_text())
+        assert 0 <= m["test_cold/hr@10"] <= 1 and m["train/global_step"] > 0
