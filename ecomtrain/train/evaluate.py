@@ -33,7 +33,9 @@ def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: O
     cfg = load_recipe(rd / "recipe.yaml", overrides or [])
     manifest = load_manifest(cfg.data.path)
     n = int(manifest["num_items"])
-    module = module_for_dataset(cfg, manifest)
+    import sys
+
+    module = module_for_dataset(cfg, manifest, log=lambda *a: print(*a, file=sys.stderr))  # stdout: the metrics JSON only
     dm = ShardDataModule(cfg, make_task(cfg, n), manifest)
     trainer = L.Trainer(
         accelerator=resolve_accelerator(cfg.trainer), devices=1, logger=False, enable_progress_bar=False,

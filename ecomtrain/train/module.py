@@ -40,26 +40,32 @@ def lr_lambda(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def module_for_dataset(cfg: Recipe, manifest: dict) -> "RecModule":
-    """The RecModule for a built dataset: its catalog size and train-split popularity."""
+def module_for_dataset(cfg: Recipe, manifest: dict, log=print) -> "RecModule":
+    """The RecModule for a built dataset: its catalog size, train-split popularity, cold items and
+    (model.items text/hybrid, or a pretrained backbone's id init) the item text of model/item_text.py."""
     from pathlib import Path
 
     import polars as pl
 
     from ..config import redact
+    from ..model.item_text import prepare
 
-    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet")).sort("idx")
+    path = Path(cfg.data.path) / manifest.get("item_file", "items.parquet")
+    items = pl.read_parquet(path).sort("idx")
     counts = items["train_count"].to_list()
     # category codes (intra-list diversity) and titles (W&B sample table); both optional in a catalog
     cats = items["category"].cast(pl.Utf8).cast(pl.Categorical).to_physical().fill_null(-1).to_list() if "category" in items.columns else None
     titles = items["title"].cast(pl.Utf8).to_list() if "title" in items.columns else None
+    cold = items["cold"].to_list() if "cold" in items.columns and items["cold"].any() else None
     return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts,
-                     item_category=cats, item_titles=titles, channels=manifest.get("channels") or [])
+                     item_category=cats, item_titles=titles, channels=manifest.get("channels") or [],
+                     item_text=prepare(cfg, manifest, log=log), cold=cold)
 
 
 class RecModule(L.LightningModule):
     def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None,
-                 item_category: Optional[list[int]] = None, item_titles: Optional[list] = None, channels: Optional[list] = None):
+                 item_category: Optional[list[int]] = None, item_titles: Optional[list] = None, channels: Optional[list] = None,
+                 item_text=None, cold: Optional[list[bool]] = None):
         super().__init__()
         # only the (secret-free) recipe and vocabulary size go into checkpoints
         self.save_hyperparameters({"recipe": recipe, "num_items": num_items})
@@ -69,12 +75,18 @@ class RecModule(L.LightningModule):
         self.task = make_task(self.cfg, num_items)
         counts = torch.tensor(item_counts if item_counts is not None else [0] * num_items, dtype=torch.float32)
         self.register_buffer("popularity", counts, persistent=False)
+        self.item_text = item_text  # model/item_text.ItemText or None (text table: a buffer of net.tower)
+        # cold items (data.build.cold_items): column j is item j+1
+        cold_t = torch.tensor(cold, dtype=torch.bool) if cold is not None else torch.zeros(num_items, dtype=torch.bool)
+        self.register_buffer("cold", cold_t, persistent=False)
+        self.has_cold = cold is not None
         self.net: Optional[ItemLM] = None
         self.primary_excludes_seen = self.cfg.eval.exclude_seen
         cat = torch.tensor(item_category, dtype=torch.long) if item_category is not None else None
-        # one EvalSuite per stage: ranking (chunked, bounded memory), beyond-accuracy, consistency
+        # one EvalSuite per stage: ranking (chunked, bounded memory), beyond-accuracy, consistency, cold/warm
         self.metrics = nn.ModuleDict({
-            stage: EvalSuite(self.cfg.eval, num_items, self.cfg.data.max_history, counts, stage, cat, channels or [], item_titles)
+            stage: EvalSuite(self.cfg.eval, num_items, self.cfg.data.max_history, counts, stage, cat, channels or [], item_titles,
+                             cold=cold_t if self.has_cold else None)
             for stage in ("val", "test")
         })
 
@@ -82,14 +94,26 @@ class RecModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is not None:
             return
-        lm, vocab, tok = build_causal_lm(self.cfg.model, self.num_items)
+        mc = self.cfg.model
+        texts = self.item_text.texts if self.item_text is not None else None
+        lm, vocab, tok = build_causal_lm(mc, self.num_items, texts, self.cfg.data.item_text.max_length)
         if self.cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from .peft_compat import cpu_safe_peft
 
         with cpu_safe_peft():  # peft's ZeRO-3 path for item-token rows assumes CUDA
             lm = apply_finetune_method(lm, self.cfg, vocab)
-        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout)
+        tower = None
+        if mc.items != "id":
+            from ..model.items import ItemTower
+
+            if self.item_text is None or self.item_text.table is None:
+                raise ValueError(f"model.items={mc.items}: no item text table (module_for_dataset prepares it)")
+            # items with no training occurrence are scored by text alone in hybrid mode
+            id_free = torch.cat([torch.zeros(1, dtype=torch.bool), self.popularity.cpu() == 0])
+            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free)
+        self.net = ItemLM(lm, vocab, mc.dropout, tok, hidden_dropout=mc.hidden_dropout, mode=mc.items, tower=tower,
+                          id_dropout=mc.item_text.id_dropout)
 
     # -- steps
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:

@@ -194,6 +194,21 @@ def eval_checkpoint(trainer, run_dir: Path, which: str) -> Optional[str]:
     return str(path)
 
 
+def cold_report(cfg: Recipe, manifest: dict, num_items: int, log=print) -> dict:
+    """Cold-item facts for metrics.json; id mode says plainly that it cannot rank cold items."""
+    n_cold = int((manifest.get("cold_items") or {}).get("count", 0))
+    if not n_cold:
+        return {}
+    finite = num_items - 1  # the target competes with every other item (seen ones excluded or not: an upper bound)
+    out = {"eval/cold_items": n_cold, "eval/model_items": cfg.model.items, "eval/cold_items_rankable": cfg.model.items != "id"}
+    for k in cfg.eval.ks:
+        out[f"test_cold/random_hr@{k}"] = round(k / finite, 6)
+    if cfg.model.items == "id":
+        log(f"model.items=id cannot rank the {n_cold} cold items (their item tokens never trained): test_cold/* is at or "
+            "below the random-rank expectation test_cold/random_hr@K; use model.items=text or hybrid")
+    return out
+
+
 def train(cfg: Recipe, log=print) -> Path:
     import lightning as L
 
@@ -215,7 +230,7 @@ def train(cfg: Recipe, log=print) -> Path:
 
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     num_items = int(manifest["num_items"])
-    module = module_for_dataset(cfg, manifest)
+    module = module_for_dataset(cfg, manifest, log=log if is_zero else (lambda *_: None))
     dm = ShardDataModule(cfg, make_task(cfg, num_items), manifest)
 
     tc = cfg.trainer
@@ -270,13 +285,14 @@ def train(cfg: Recipe, log=print) -> Path:
             "train/wall_seconds": round(time.time() - t0, 1),
         }
     )
+    metrics.update(cold_report(cfg, manifest, num_items, log if trainer.is_global_zero else (lambda *_: None)))
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for lg in loggers:
             if type(lg).__name__ == "WandbLogger":
                 lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                 lg.experiment.finish()  # flush now, so the RUN_DIR line below is the last one printed
-        keys = [k for k in ("test/hr@10", "test/ndcg@10", "baseline/popularity/test/ndcg@10") if k in metrics]
+        keys = [k for k in ("test/hr@10", "test/ndcg@10", "test_cold/hr@10", "test_warm/hr@10", "baseline/popularity/test/ndcg@10") if k in metrics]
         if "perf/samples_per_s" in metrics:
             log(
                 f"throughput (rank 0): {metrics['perf/samples_per_s']:.1f} samples/s, "
