@@ -1,4 +1,4 @@
-"""Non-finite loss on one rank (injected: rank 1's loss becomes NaN at step 3) on 2 CPU processes.
+"""Non-finite loss on one rank (injected by tests/faults.py: rank 1's loss becomes NaN at step 3) on 2 CPU processes.
 
 - action=stop: every rank stops with the same clear error, nothing hangs, and no checkpoint
   of the poisoned state is written (step2 exists, step4 does not);
@@ -19,7 +19,7 @@ import torch
 from disthelp import step_losses, tiny_recipe, torchrun
 from ecomtrain.train.checkpointing import complete_checkpoints, load_lightning_state
 
-NAN_AT = {"ECOMTRAIN_TEST_HOOKS": "nan_at=3,nan_rank=1"}
+NAN_AT = "nan_at=3,nan_rank=1"  # tests/faults.py
 STRATEGIES = {"ddp": ["trainer.strategy.name=ddp"], "zero2": ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=2"]}
 
 
@@ -36,7 +36,7 @@ def _assert_all_finite(ckpt_dir):
 def test_nonfinite_stop_ddp(tmp_path, tiny_dataset):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dataset, run_dir, max_steps=6)
-    proc, _ = torchrun(recipe, *STRATEGIES["ddp"], "trainer.checkpoint.every_n_steps=2", env=NAN_AT, check=False, timeout=300)
+    proc, _ = torchrun(recipe, *STRATEGIES["ddp"], "trainer.checkpoint.every_n_steps=2", faults=NAN_AT, check=False, timeout=300)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "non-finite training loss (NaN/inf) on at least one rank at step 3" in out
@@ -52,7 +52,7 @@ def test_nonfinite_skip(tmp_path, tiny_dataset, name):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dataset, run_dir, max_steps=6)
     torchrun(recipe, *STRATEGIES[name], "trainer.checkpoint.every_n_steps=2", "trainer.nonfinite.action=skip",
-             "trainer.nonfinite.max_skips=1", env=NAN_AT)
+             "trainer.nonfinite.max_skips=1", faults=NAN_AT)
     assert (run_dir / "metrics.json").is_file()
     losses = step_losses(run_dir)
     assert losses and all(math.isfinite(v) for v in losses.values())

@@ -136,7 +136,7 @@ def resumed_pair(tiny_dataset: Path, tmp: Path) -> tuple[Path, Path]:
         full, part = tmp / "full", tmp / "part"
         torchrun(tiny_recipe(tmp / "full.yaml", tiny_dataset, full), *common)
         recipe = tiny_recipe(tmp / "part.yaml", tiny_dataset, part)
-        proc, _ = torchrun(recipe, *common, env={"ECOMTRAIN_TEST_HOOKS": "crash_at=4"}, check=False)
+        proc, _ = torchrun(recipe, *common, faults="crash_at=4", check=False)
         assert proc.returncode != 0
         torchrun(recipe, *common, "trainer.resume=auto")
         _RESUMED["zero2"] = (full, part)

@@ -35,7 +35,7 @@ def test_resume_matches_uninterrupted(tmp_path, tiny_dataset, name):
     torchrun(tiny_recipe(tmp_path / "full.yaml", tiny_dataset, full), *common)
 
     recipe = tiny_recipe(tmp_path / "part.yaml", tiny_dataset, part)
-    proc, _ = torchrun(recipe, *common, env={"ECOMTRAIN_TEST_HOOKS": "crash_at=4"}, check=False)
+    proc, _ = torchrun(recipe, *common, faults="crash_at=4", check=False)
     assert proc.returncode != 0, "the injected crash at step 4 did not stop the run"
     assert find_resume(part).name == "step4.ckpt"
     assert not (part / "metrics.json").exists()

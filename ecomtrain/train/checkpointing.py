@@ -3,7 +3,7 @@
 Layout of RUN_DIR/checkpoints (a DeepSpeed checkpoint is a folder, any other a file):
 
     step<N>.ckpt           periodic (trainer.checkpoint.every_n_steps), newest keep_last kept
-    best-epoch<E>-step<N>.ckpt   best on val/ndcg@10
+    best-epoch<E>-step<N>.ckpt   best on the task's monitor (val/ndcg@10 when eval.ks has 10)
     last.ckpt -> ...       symlink to the newest complete checkpoint
     .tmp-<name>            being written; never read, removed on the next save
 

@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..config import Recipe, dump_recipe, redact
 
@@ -68,6 +68,18 @@ def ensure_dataset(cfg: Recipe, log=print) -> dict:
     return B.build(imp, root, **bc.build_options(), seed=cfg.run.seed, source={"source": bc.source, "input": src}, log=log)
 
 
+def wandb_mode(mode: str, env=os.environ) -> str:
+    """``logging.wandb.mode``: auto = the user's WANDB_MODE when set (offline/disabled must win over a
+    key that happens to be in the environment), else online with WANDB_API_KEY, else offline."""
+    if mode != "auto":
+        return mode
+    if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return env["WANDB_MODE"]
+    if env.get("WANDB_MODE") == "dryrun":
+        return "offline"
+    return "online" if env.get("WANDB_API_KEY") else "offline"
+
+
 def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
     from lightning.pytorch.loggers import CSVLogger
 
@@ -76,7 +88,7 @@ def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
     if wc.enabled and wc.mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
-        mode = wc.mode if wc.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        mode = wandb_mode(wc.mode)
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
         loggers.append(
             WandbLogger(
@@ -92,13 +104,16 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
 
     from .checkpointing import AtomicCheckpoint, ResumeState
 
+    from ..tasks import monitor
+
     tc = cfg.trainer
     ck = str(run_dir / "checkpoints")
+    best_on = monitor(cfg.task.name, cfg.eval.ks)  # e.g. val/ndcg@10; eval.ks [5, 20] -> val/ndcg@20
     cbs = [
         ResumeState(),
         AtomicCheckpoint(
             dirpath=ck, filename="best-epoch{epoch}-step{step}", auto_insert_metric_name=False,
-            monitor="val/ndcg@10", mode="max", save_top_k=1, save_last=tc.checkpoint.save_last,
+            monitor=best_on, mode="max", save_top_k=1, save_last=tc.checkpoint.save_last,
         ),
     ]
     if tc.checkpoint.every_n_steps:
@@ -115,7 +130,7 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
         cbs.append(AdaLoraAllocator())  # rank budget schedule, once per optimizer step
     if tc.early_stopping.enabled:
         es = tc.early_stopping
-        cbs.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
+        cbs.append(EarlyStopping(monitor=es.monitor or best_on, patience=es.patience, mode=es.mode))
     if has_logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     if tc.progress_bar:
@@ -162,7 +177,9 @@ def eval_checkpoint(trainer, run_dir: Path, which: str) -> Optional[str]:
     return str(path)
 
 
-def train(cfg: Recipe, log=print) -> Path:
+def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
+    """Fit, validate and test ``cfg``; returns RUN_DIR. ``callbacks``: extra Lightning callbacks
+    appended after the run's own (the test suite injects faults this way)."""
     import lightning as L
 
     from .datamodule import ShardDataModule
@@ -196,7 +213,7 @@ def train(cfg: Recipe, log=print) -> Path:
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
-        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal],
+        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal, *callbacks],
         plugins=preemption.cluster_plugins(),
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, deterministic=False,
