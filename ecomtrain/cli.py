@@ -132,8 +132,16 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr, ``error: ...``, exit 2
+    (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
+    p = _Parser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
     sub = p.add_subparsers(dest="verb", required=True)
 
     data = sub.add_parser("data", help="generate, build and inspect datasets")

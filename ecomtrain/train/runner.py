@@ -224,7 +224,7 @@ def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
     # the datamodule restores the in-epoch position itself (see datamodule.py)
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     except preemption.Preempted as stop:
         # the checkpoint is written; evaluating now would overrun the time limit
         if is_zero:
@@ -235,9 +235,9 @@ def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
     which = "best" if (tc.test_ckpt == "best" and best) else "last"
     eval_ckpt = eval_checkpoint(trainer, run_dir, which)
     metrics: dict = {}
-    for res in trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False):
+    for res in trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False, weights_only=True):
         metrics.update(res)
-    for res in trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False):
+    for res in trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False, weights_only=True):
         metrics.update(res)
     if eval_ckpt and Path(eval_ckpt).name.startswith(".eval-") and trainer.is_global_zero:
         Path(eval_ckpt).unlink(missing_ok=True)  # the consolidated ZeRO-3 copy was only for this
