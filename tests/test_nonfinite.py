@@ -33,6 +33,7 @@ def _assert_all_finite(ckpt_dir):
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 def test_nonfinite_stop_ddp(tmp_path, tiny_dataset):
     run_dir = tmp_path / "run"
     recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dataset, run_dir, max_steps=6)
@@ -47,6 +48,7 @@ def test_nonfinite_stop_ddp(tmp_path, tiny_dataset):
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_nonfinite_skip(tmp_path, tiny_dataset, name):
     run_dir = tmp_path / "run"
@@ -56,4 +58,52 @@ def test_nonfinite_skip(tmp_path, tiny_dataset, name):
     assert (run_dir / "metrics.json").is_file()
     losses = step_losses(run_dir)
     assert losses and all(math.isfinite(v) for v in losses.values())
+    _assert_all_finite(run_dir / "checkpoints")
+
+
+# ----------------------------------------------------------------- one process (default tier, ~10 s each)
+def test_nonfinite_stop_single_process_one_line(tmp_path, tiny_dataset):
+    """`ecomtrain train` whose loss turns NaN at step 2 (action=stop): exit 2, one 'error:' line naming the
+    step and the knob, no traceback, the checkpoints before the step kept and none of the poisoned state."""
+    import os
+    import subprocess
+    import sys
+
+    from disthelp import FAULTY, REPO
+
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.yaml", tiny_dataset, run_dir, devices=1, max_steps=6)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, FAULTY, "--faults", "nan_at=2", "train", str(recipe),
+                           "trainer.checkpoint.every_n_steps=1", "trainer.checkpoint.keep_last=5"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: non-finite training loss (NaN/inf) on at least one rank at step 2"), errors
+    assert "trainer.nonfinite.action=stop" in errors[0]
+    names = {p.name for p in complete_checkpoints(run_dir / "checkpoints")}
+    assert {"step1.ckpt", "step2.ckpt"} <= names and "step3.ckpt" not in names, names
+    assert not (run_dir / "metrics.json").exists()
+    _assert_all_finite(run_dir / "checkpoints")
+
+
+def test_nonfinite_skip_single_process(tmp_path, tiny_dataset):
+    """action=skip in one process: the NaN step's update is dropped, training finishes, all weights finite."""
+    import yaml
+
+    from ecomtrain.config import validate_tree
+    from ecomtrain.train.runner import train
+    from faults import FaultInjector
+
+    run_dir = tmp_path / "run"
+    tree = yaml.safe_load(tiny_recipe(tmp_path / "r.yaml", tiny_dataset, run_dir, devices=1, max_steps=5).read_text())
+    tree["trainer"].update({"nonfinite": {"action": "skip", "max_skips": 1}, "checkpoint": {"every_n_steps": 1}})
+    train(validate_tree(tree), log=lambda *_: None, callbacks=[FaultInjector(nan_at=2)])
+    losses = step_losses(run_dir)
+    assert 2 not in losses and {0, 1, 3, 4} <= set(losses), losses  # step 2 logged no loss: it was skipped
+    assert all(math.isfinite(v) for v in losses.values())
+    import json
+
+    assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 5
     _assert_all_finite(run_dir / "checkpoints")

@@ -24,6 +24,7 @@ STRATEGIES = {
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_resume_matches_uninterrupted(tmp_path, tiny_dataset, name):
     manifest = json.loads((tiny_dataset / "manifest.json").read_text())

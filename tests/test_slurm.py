@@ -21,7 +21,7 @@ SCRIPT = REPO / "launch" / "slurm.sbatch"
 # 2 tasks of 1 CPU: the header's 8 CPUs per task are for GPU nodes
 OPTS = ("--ntasks-per-node=2", "--cpus-per-task=1")
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1200)]  # the time-limit job alone waits ~4 min for Slurm's clock
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from launchhelp import REPO, child_env, faulty_entry, metrics, run, starts, tiny_data, tiny_recipe
 
 SCRIPT = str(REPO / "launch" / "torchrun.sh")
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]  # two attempts of a 2-process run
 
 
 def _free_port() -> int:
