@@ -101,4 +101,4 @@ def test_documented_launch_line_runs(path: Path, work: Path):
     assert 0.0 <= m[monitor] <= 1.0
     if words[0] == "torchrun":
         assert f"MEMBER: 2/2" in out or "GLOBAL_RANK: 1" in out, "not launched on 2 processes"
-    assert out.rstrip().splitlines()[-1] == f"run dir: {run_dir}"
+    assert proc.stdout.rstrip().splitlines()[-1] == f"run dir: {run_dir}"  # the documented last line

@@ -337,19 +337,43 @@ def safe_load(path: Path) -> Any:
 _ORIG_LOAD = torch.load
 
 
-class _WeightsOnlyLoads:
-    """Within the block, every ``torch.load`` (DeepSpeed's and Lightning's converters call it with
-    ``weights_only=False``) goes through :func:`safe_load`."""
+class weights_only_loads:  # noqa: N801 (used as a context manager)
+    """Within the block, every ``torch.load`` (DeepSpeed's engine and converter, and Lightning's
+    converter, call it with ``weights_only=False``) goes through :func:`safe_load`."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
 
     def __enter__(self):
-        def load(f, *args, **kw):  # noqa: ARG001 (map_location / weights_only are fixed by safe_load)
-            return safe_load(Path(f))
+        def load(f, map_location=None, *args, **kw):  # noqa: ARG001 (weights_only is fixed by safe_load)
+            state = safe_load(Path(f))
+            if map_location is not None and str(map_location) != "cpu":
+                state = _to_device(state, map_location)
+            return state
 
-        torch.load = load
+        if self.enabled:
+            torch.load = load
         return self
 
     def __exit__(self, *exc) -> None:
         torch.load = _ORIG_LOAD
+
+
+def _to_device(obj: Any, device) -> Any:
+    """Tensors of a loaded state moved to ``map_location`` (a device or its name; a callable
+    map_location is DeepSpeed's keep-on-CPU ``lambda storage, loc: storage``)."""
+    if callable(device):
+        return obj
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        out = obj.copy()  # keeps OrderedDict / defaultdict
+        for k, v in obj.items():
+            out[k] = _to_device(v, device)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
 
 
 def consolidate_deepspeed(ckpt_dir: Path, out_file: Path) -> Path:
@@ -360,7 +384,7 @@ def consolidate_deepspeed(ckpt_dir: Path, out_file: Path) -> Path:
 
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    with contextlib.redirect_stdout(io.StringIO()), _WeightsOnlyLoads():  # it prints per tensor
+    with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():  # it prints per tensor
         convert_zero_checkpoint_to_fp32_state_dict(str(ckpt_dir), str(out_file))
     return out_file
 

@@ -150,6 +150,10 @@ def resume_path(resume: Optional[str], run_dir: Path) -> Optional[str]:
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"trainer.resume: checkpoint not found: {path}")
+    if path.is_file():
+        from .checkpointing import safe_load
+
+        safe_load(path)  # a path from elsewhere: a crafted or foreign file fails here, in one line
     return str(path.resolve())
 
 
@@ -223,8 +227,13 @@ def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
         log(f"resuming from {ckpt}")
     # the datamodule restores the in-epoch position itself (see datamodule.py)
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+    from .checkpointing import is_deepspeed_checkpoint, weights_only_loads
+
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
+        # DeepSpeed's engine reads its checkpoint folder with torch.load(weights_only=False): route
+        # those reads through the weights-only loader too (Lightning's own file loads pass weights_only)
+        with weights_only_loads(enabled=bool(ckpt) and is_deepspeed_checkpoint(Path(ckpt))):
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     except preemption.Preempted as stop:
         # the checkpoint is written; evaluating now would overrun the time limit
         if is_zero:
