@@ -100,9 +100,14 @@ def test_nonfinite_skip_single_process(tmp_path, tiny_dataset):
     tree = yaml.safe_load(tiny_recipe(tmp_path / "r.yaml", tiny_dataset, run_dir, devices=1, max_steps=5).read_text())
     tree["trainer"].update({"nonfinite": {"action": "skip", "max_skips": 1}, "checkpoint": {"every_n_steps": 1}})
     train(validate_tree(tree), log=lambda *_: None, callbacks=[FaultInjector(nan_at=2)])
+    import csv
+
     losses = step_losses(run_dir)
-    assert 2 not in losses and {0, 1, 3, 4} <= set(losses), losses  # step 2 logged no loss: it was skipped
-    assert all(math.isfinite(v) for v in losses.values())
+    assert {0, 1, 3, 4} <= set(losses) and all(math.isfinite(v) for v in losses.values()), losses
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        skipped = [(int(r["step"]), float(r["train/skipped_steps"])) for r in csv.DictReader(f) if r.get("train/skipped_steps")]
+    # the poisoned step was the first skipped, and the only one (rows after it repeat the last value)
+    assert skipped and skipped[0] == (2, 1.0) and {v for _, v in skipped} == {1.0}, skipped
     import json
 
     assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 5
