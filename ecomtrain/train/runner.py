@@ -196,6 +196,7 @@ def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
     t0 = time.time()
     run_dir = resolve_run_dir(cfg)
     is_zero = global_rank() == 0
+    ckpt = resume_path(cfg.trainer.resume, run_dir)  # a bad trainer.resume fails before anything is written
     manifest = ensure_dataset(cfg, log=log if is_zero else (lambda *_: None))
     recipe_tree = cfg.model_dump(mode="json")
     if is_zero:
@@ -222,7 +223,6 @@ def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, deterministic=False,
     )
-    ckpt = resume_path(tc.resume, run_dir)
     if ckpt and is_zero:
         log(f"resuming from {ckpt}")
     # the datamodule restores the in-epoch position itself (see datamodule.py)
