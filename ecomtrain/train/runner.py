@@ -130,7 +130,9 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
         cbs.append(AdaLoraAllocator())  # rank budget schedule, once per optimizer step
     if tc.early_stopping.enabled:
         es = tc.early_stopping
-        cbs.append(EarlyStopping(monitor=es.monitor or best_on, patience=es.patience, mode=es.mode))
+        # checked after each validation only: Lightning's default also checks at the end of a training
+        # epoch, which fails (metric missing) when trainer.max_steps ends a run before any validation
+        cbs.append(EarlyStopping(monitor=es.monitor or best_on, patience=es.patience, mode=es.mode, check_on_train_epoch_end=False))
     if has_logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     if tc.progress_bar:
