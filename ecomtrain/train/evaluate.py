@@ -16,19 +16,20 @@ def find_checkpoint(run_dir: Path, ckpt: str) -> Path:
 
 
 def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: Optional[list[str]] = None) -> dict:
+    rd = Path(run_dir)
+    if not (rd / "recipe.yaml").is_file():  # checked before the heavy imports: a wrong folder answers at once
+        raise RecipeError(f"{rd}: not a run directory (no recipe.yaml)")
+    cfg = load_recipe(rd / "recipe.yaml", overrides or [])
+
     import lightning as L
 
     from ..data.build import load_manifest
-    from .datamodule import ShardDataModule
-    from .module import make_task, module_for_dataset
     from .checkpointing import consolidate_deepspeed, is_deepspeed_checkpoint, safe_load
+    from .datamodule import ShardDataModule
     from .errors import CheckpointError
+    from .module import make_task, module_for_dataset
     from .strategies import resolve_accelerator
 
-    rd = Path(run_dir)
-    if not (rd / "recipe.yaml").is_file():
-        raise RecipeError(f"{rd}: not a run directory (no recipe.yaml)")
-    cfg = load_recipe(rd / "recipe.yaml", overrides or [])
     path = find_checkpoint(rd, ckpt)
     run_split = "validate" if split == "val" else "test"
     out: dict = {}
