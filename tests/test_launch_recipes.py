@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -46,7 +47,9 @@ def launch_line(path: Path) -> list[str]:
             cmd.append(ln)
         else:
             break
-    words = shlex.split(" ".join(c.rstrip("\\") for c in cmd))
+    text = " ".join(c.rstrip("\\") for c in cmd)
+    text = re.sub(r"\s+\([^)]*\)\s*$", "", text)  # a trailing remark, e.g. "(from the repo root)"
+    words = shlex.split(text)
     assert words and words[0] in ("ecomtrain", "torchrun"), f"{path}: launch line {words}"
     return words
 
