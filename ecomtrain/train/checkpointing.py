@@ -308,18 +308,22 @@ def _unsafe_reason(exc: BaseException) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
-def safe_load(path: Path) -> Any:
+def safe_load(path) -> Any:
     """``torch.load(path, weights_only=True)``; anything else -> one-line :class:`CheckpointError`."""
     import pickle
 
     from .errors import CheckpointError
 
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    source = path  # a path, or a file object (DeepSpeed's engine hands torch.load a BytesIO)
+    if isinstance(path, (str, os.PathLike)):
+        path = source = Path(path)
+        if path.is_file() and path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    else:
+        path = getattr(source, "name", "<checkpoint stream>")
     try:
         with torch.serialization.safe_globals(_safe_types()):
-            return _ORIG_LOAD(path, map_location="cpu", weights_only=True)
+            return _ORIG_LOAD(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
             raise CheckpointError(
@@ -346,7 +350,7 @@ class weights_only_loads:  # noqa: N801 (used as a context manager)
 
     def __enter__(self):
         def load(f, map_location=None, *args, **kw):  # noqa: ARG001 (weights_only is fixed by safe_load)
-            state = safe_load(Path(f))
+            state = safe_load(f)
             if map_location is not None and str(map_location) != "cpu":
                 state = _to_device(state, map_location)
             return state
