@@ -145,7 +145,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 0
     from .train.runner import train
 
-    train(cfg)
+    train(cfg, callbacks=getattr(a, "callbacks", ()))
     return 0
 
 
@@ -176,8 +176,16 @@ def cmd_fetch(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr, ``error: ...``, exit 2
+    (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
+    p = _Parser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
     sub = p.add_subparsers(dest="verb", required=True)
 
     data = sub.add_parser("data", help="generate, build and inspect datasets")
@@ -237,14 +245,22 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, callbacks: tuple | list = ()) -> int:
+    """Run one verb. ``callbacks``: extra Lightning callbacks for ``train`` (Python API only; the
+    command line has no way to load code)."""
     args = parser().parse_args(argv)
+    args.callbacks = list(callbacks)
     from .config import RecipeError
     from .data.importers import DataError
+    from .train.errors import CheckpointError
 
     try:
         return args.fn(args)
-    except (RecipeError, DataError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        # trainer.nonfinite.action=stop (or too many skips): every rank stops at the same step
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -318,7 +318,10 @@ class NonFiniteConfig(_Section):
 
 class EarlyStoppingConfig(_Section):
     enabled: bool = False
-    monitor: str = "val/ndcg@10"
+    monitor: Optional[str] = Field(
+        None, description="Validation metric to watch; default: the task's monitor (val/ndcg@10 when eval.ks has 10, "
+        "else NDCG at the largest K). Must be one the task logs (val/hr@K, val/ndcg@K for K in eval.ks, val/mrr, val/auc).",
+    )
     patience: int = Field(3, gt=0)
     mode: Literal["max", "min"] = "max"
 
@@ -369,7 +372,14 @@ class TrainerConfig(_Section):
 
 
 class EvalConfig(_Section):
-    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1, description="Cut-offs K of HR@K and NDCG@K (at least one).")
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k <= 0 for k in v):
+            raise ValueError("every K must be a positive integer")
+        return v
+
     exclude_seen: bool = Field(False, description="Primary protocol: drop the user's history items from the ranking. Both are reported.")
     score_memory_mb: float = Field(256.0, gt=0, description="Memory budget for scoring the catalog in chunks (batch x chunk floats); bounds eval and recommend on large catalogs.")
     beyond_accuracy: bool = Field(True, description="Also report coverage@K, gini@K, ild@K, novelty@K and HR/NDCG by item-popularity and user-activity bucket.")
@@ -380,7 +390,7 @@ class EvalConfig(_Section):
 
 class WandbConfig(_Section):
     enabled: bool = True
-    mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = online if WANDB_API_KEY is set, else offline.")
+    mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = WANDB_MODE if set, else online if WANDB_API_KEY is set, else offline.")
     project: str = "ecomtrain"
     entity: Optional[str] = None
     tags: list[str] = Field(default_factory=list)
@@ -400,6 +410,22 @@ class Recipe(_Section):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @model_validator(mode="after")
+    def _monitor_is_logged(self) -> "Recipe":
+        # checked here, not after the first epoch: Lightning's EarlyStopping only fails once
+        # validation has run and the metric is missing
+        from .tasks import val_metrics
+
+        es = self.trainer.early_stopping
+        if es.monitor is not None:
+            logged = val_metrics(self.task.name, self.eval.ks)
+            if es.monitor not in logged:
+                raise ValueError(
+                    f"trainer.early_stopping.monitor: '{es.monitor}' is not logged with eval.ks={self.eval.ks}; "
+                    f"choose one of {', '.join(logged)}"
+                )
+        return self
 
 
 # ------------------------------------------------------------------ loading API
@@ -431,6 +457,8 @@ def _describe(err: dict) -> str:
         return f"{path}: unknown key{hint}"
     if kind == "missing":
         return f"{path}: required field is missing"
+    if not loc and kind == "value_error":  # a whole-recipe check: its message names the key
+        return str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
     shown = repr(got)
     if len(shown) > 60:
@@ -460,8 +488,19 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key = key.strip()
         if not key:
             raise RecipeError(f"override '{item}' has an empty key")
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else None)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)}); quote it if it is a string") from None
+        _set_dotted(tree, key, value)
     return tree
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message spans several)."""
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
 
 
 def validate_tree(tree: Any, source: str = "<recipe>") -> Recipe:
@@ -472,6 +511,8 @@ def validate_tree(tree: Any, source: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         n = len(lines)
+        if n == 1:  # one problem, one line: "recipe.yaml: trainer.max_epocs: unknown key; did you mean ..."
+            raise RecipeError(f"{source}: {lines[0]}") from None
         raise RecipeError(
             f"{source}: {n} problem{'s' if n != 1 else ''} in the recipe:\n" + "\n".join(f"  - {ln}" for ln in lines)
         ) from None
@@ -484,7 +525,9 @@ def read_yaml(path: str | os.PathLike) -> Any:
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{p}: not valid YAML: {exc}") from None
+        raise RecipeError(f"{p}: not valid YAML: {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{p}: not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Recipe:

@@ -97,6 +97,13 @@ class NextItemTask:
         # a harmless row for padding eval batches (its weight is 0)
         self.pad_sample = {"items": [1], "target": 1}
 
+    @classmethod
+    def monitor(cls, ks) -> str:
+        """Validation metric that picks the best checkpoint (see ``tasks.monitor``)."""
+        from . import monitor
+
+        return monitor(cls.name, ks)
+
     # -- tensors
     def collate_train(self, samples: list[dict]) -> dict:
         L = self.max_history

@@ -19,7 +19,6 @@ from ..serve.evaluation import EvalSuite, log_to_wandb
 from ..model.adapters import adapter_regularization, apply_finetune_method, check_method_supported
 from ..model.backbone import ItemLM, build_causal_lm
 from ..tasks.next_item import NextItemTask
-from . import _test_hooks
 
 
 def make_task(cfg: Recipe, num_items: int) -> NextItemTask:
@@ -118,7 +117,6 @@ class RecModule(L.LightningModule):
     # -- steps
     def training_step(self, batch: dict, batch_idx: int) -> Optional[torch.Tensor]:
         loss = self.task.loss(self.net, batch)
-        loss = _test_hooks.maybe_nan(loss, self.trainer)
         if not self._loss_finite_everywhere(loss):
             return self._nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["items"]))
@@ -167,9 +165,6 @@ class RecModule(L.LightningModule):
             for p in self.parameters():
                 p.grad = None  # the whole accumulated step is dropped
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        _test_hooks.maybe_crash(self.trainer)
-
     def _eval_step(self, batch: dict, stage: str) -> None:
         self.metrics[stage].update(self.net, batch, self.popularity)
 
@@ -186,7 +181,8 @@ class RecModule(L.LightningModule):
             log_to_wandb(self.loggers, stage, suite, out, int(self.trainer.global_step))
         suite.reset()
         # values are already reduced across ranks by torchmetrics
-        shown = {k: out.pop(k) for k in ("val/ndcg@10",) if k in out}
+        monitored = self.task.monitor(self.cfg.eval.ks)
+        shown = {k: out.pop(k) for k in (monitored,) if k in out}
         self.log_dict(out, sync_dist=False)
         self.log_dict(shown, prog_bar=True, sync_dist=False)
 
