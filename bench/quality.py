@@ -2,13 +2,17 @@
 
     python bench/quality.py recipes/amazon-beauty/full_single.yaml \
         --data ../shared/data/amazon-beauty/sequential_data.txt
+    python bench/quality.py recipes/amazon-beauty-hybrid/full_single.yaml \
+        --data ../shared/data/amazon-beauty/sequential_data.txt \
+        --items ../shared/data/amazon-beauty/items.tsv --label hybrid [data.build.cold_items=0.05]
 
 Builds the dataset (``seq`` importer unless --source says otherwise) into a
 fresh folder, trains with the recipe (only ``data.path``/``data.build`` and
 the run folder are replaced), evaluates on the test split, and prints one
 JSON object: HR@5/10/20, NDCG@5/10/20, MRR with and without the user's seen
 items excluded, the popularity baseline, wall time (build + train + eval),
-seed and protocol. Model selection inside the run uses the validation split
+seed and protocol; with cold items also test_cold/test_warm; the machine's load
+(2-core machines are shared). Model selection inside the run uses the validation split
 only (best checkpoint on val/ndcg@10, early stopping on val).
 """
 
@@ -29,13 +33,18 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="raw input for the importer (e.g. sequential_data.txt)")
     ap.add_argument("--source", default="seq")
     ap.add_argument("--work", help="folder for the built data and the run (default: a temp folder)")
+    ap.add_argument("--items", help="item catalog for data.build.items (e.g. ../shared/data/amazon-beauty/items.tsv)")
+    ap.add_argument("--label", help="name of this variant in the JSON (e.g. hybrid, id)")
     ap.add_argument("overrides", nargs="*", help="extra dotted.key=value overrides")
     a = ap.parse_intermixed_args()  # overrides may follow the options
 
     from ecomtrain.config import load_recipe
     from ecomtrain.train.runner import train
 
+    import os
+
     t0 = time.time()
+    load_start = os.getloadavg()
     work = Path(a.work or tempfile.mkdtemp(prefix="ecomtrain-quality-"))
     overrides = [
         f"data.path={work / 'data'}",
@@ -43,6 +52,7 @@ def main() -> int:
         f"data.build.input={Path(a.data).resolve()}",
         f"run.dir={work / 'run'}",
         "trainer.progress_bar=false",
+        *([f"data.build.items={Path(a.items).resolve()}"] if a.items else []),
         *a.overrides,
     ]
     cfg = load_recipe(a.recipe, overrides)
@@ -73,6 +83,16 @@ def main() -> int:
         f"test_{alt}": block(f"test/{alt}/"),
         "val": block("val/"),
         "baseline_popularity_test": block("baseline/popularity/test/"),
+        **({"test_cold": block("test_cold/"), "test_warm": block("test_warm/"), "val_cold": block("val_cold/"),
+            "cold_items": m.get("eval/cold_items"), "test_cold_random_hr@10": m.get("test_cold/random_hr@10")}
+           if "test_cold/hr@10" in m else {}),
+        "label": a.label,
+        "model_items": cfg.model.items,
+        "item_text_encoder": cfg.model.item_text.encoder if cfg.model.items != "id" else None,
+        "overrides": a.overrides,
+        "machine": {"cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                    "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+                    "note": "2-core machine shared with other jobs: wall time is inflated by the load shown"},
         "seed": cfg.run.seed,
         "epochs_trained": m.get("train/epochs"),
         "wall_seconds": round(time.time() - t0, 1),

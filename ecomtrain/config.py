@@ -59,7 +59,7 @@ class BuildConfig(_Section):
     input: Optional[str] = Field(None, description="Input path for the importer (file, folder or glob).")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Used when source=synth and input is unset.")
     columns: Optional[dict[str, str]] = Field(None, description="table: our field (user, item, ts, event, channel, value) -> the file's column name.")
-    items: Optional[str] = Field(None, description="Item catalog file (item, title, category, brand, price) for table / amazon-reviews.")
+    items: Optional[str] = Field(None, description="Item catalog file (item, title, category, brand, price, ...) for table / seq / amazon-reviews.")
     timestamp_format: Optional[str] = Field(None, description="strptime format when timestamps are date strings (default: numeric epoch).")
     separator: Optional[str] = Field(None, description="table: CSV separator (default ',' or tab for .tsv).")
     event_types: Optional[list[str]] = Field(None, description="Keep only these event types (default: all).")
@@ -79,6 +79,11 @@ class BuildConfig(_Section):
     shard_max_bytes: int = Field(64 * 1024 * 1024, gt=0, description="Most bytes per shard.")
     partition_events: int = Field(4_000_000, gt=0, description="Events per user hash partition; bounds build memory (~1-2 GB per 4 M events).")
     seed: int = Field(0, description="Shuffle seed of the sample order inside shards (independent of run.seed, so runs with other seeds share one dataset).")
+    cold_items: float = Field(
+        0.0, ge=0, lt=1,
+        description="Cold-start evaluation: this fraction of the catalog (seeded, drawn from items that are some user's "
+        "val/test target) is removed from all training input and kept only as val/test targets (see ecomtrain/data/cold.py).",
+    )
 
     # The one definition of the build options: `ecomtrain data build` derives its
     # flags (names, types, defaults, help) from these fields, `data.build` in a
@@ -102,6 +107,16 @@ class BuildConfig(_Section):
         return d
 
 
+class ItemTextConfig(_Section):
+    """How each catalog row becomes text (see docs/language.md)."""
+
+    template: str = Field(
+        "{title}; brand: {brand}; category: {category}; price: {price}",
+        description="Rendered per item from items.parquet columns; ';'-separated segments whose fields are empty are dropped.",
+    )
+    max_length: int = Field(64, gt=0, description="Tokens kept per item text when it is tokenised / encoded.")
+
+
 class DataConfig(_Section):
     path: str = Field(..., description="Built dataset folder (holds manifest.json).")
     build: Optional[BuildConfig] = Field(None, description="If set and path has no manifest.json, build it first; if path holds a dataset built with other options, see data.rebuild.")
@@ -120,12 +135,20 @@ class DataConfig(_Section):
     )
     shuffle_buffer: int = Field(2000, ge=0, description="Sample shuffle buffer (0 = no shuffle).")
     max_corrupt_fraction: float = Field(0.0, ge=0, le=1, description="Fraction of shards that may be unreadable (skipped and counted) before the run fails.")
+    item_text: ItemTextConfig = Field(default_factory=ItemTextConfig, description="Item text template (used by model.items text/hybrid and by id-mode init from text).")
 
 
 # ------------------------------------------------------------------------- model
 class BackboneConfig(_Section):
     arch: Literal["qwen2", "llama"] = "qwen2"
-    pretrained: Optional[str] = Field(None, description="Local save_pretrained folder; its vocabulary is extended with item tokens.")
+    pretrained: Optional[str] = Field(
+        None,
+        description="Local save_pretrained folder or Hugging Face Hub id (HF cache; HF_HUB_OFFLINE=1 respected); "
+        "in id/hybrid mode its vocabulary is extended with item tokens.",
+    )
+    init_items_from_text: bool = Field(
+        True, description="Pretrained backbone, id/hybrid: item-token rows start as the mean of the backbone's embeddings of the item's text tokens."
+    )
     hidden_size: int = Field(64, gt=0)
     num_layers: int = Field(2, gt=0)
     num_heads: int = Field(2, gt=0)
@@ -146,11 +169,32 @@ class ModelInputsConfig(_Section):
     event_types: bool = Field(False, description="Learned embedding of each history step's event type (view, click, cart, purchase, ...).")
     channels: bool = Field(False, description="Learned embedding of each history step's channel (app, web, mini_program, ...).")
     time_gaps: bool = Field(False, description="Learned embedding of the log-bucketed time since the previous step (12 buckets, seconds).")
+class TextEncoderConfig(_Section):
+    """The frozen encoder that turns item text into the table [N, D] (computed once, cached next to the data)."""
+
+    encoder: str = Field(
+        "hashing",
+        description="'hashing' (built-in feature hashing of words, no model), 'backbone' (the pretrained backbone, mean-pooled), "
+        "or a local Hugging Face encoder folder / Hub id (mean-pooled last hidden state, e.g. all-MiniLM-L6-v2).",
+    )
+    dim: int = Field(256, gt=0, description="encoder=hashing: vector size.")
+    batch_size: int = Field(256, gt=0, description="Items encoded per chunk (bounds activation memory).")
+    adapter: Literal["linear", "mlp"] = Field("linear", description="Trainable map from the (standardised) text table into the hidden size.")
+    id_dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="hybrid: probability that an item's ID embedding is dropped (per item, per step) in training, so "
+        "text alone must rank it; cold items are always scored by text alone.",
+    )
 
 
 class ModelConfig(_Section):
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     inputs: ModelInputsConfig = Field(default_factory=ModelInputsConfig)
+    items: Literal["id", "text", "hybrid"] = Field(
+        "id",
+        description="Item representation: id (item tokens), text (frozen text table -> trainable adapter), hybrid (ID embedding + projected text).",
+    )
+    item_text: TextEncoderConfig = Field(default_factory=TextEncoderConfig, description="Text encoder for items text/hybrid.")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on input embeddings (item-token dropout regularises tiny data).")
     attention_dropout: float = Field(0.0, ge=0, lt=1)
     hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on each attention and MLP output (the residual branches); HF Qwen2/Llama have none of their own.")
@@ -390,7 +434,14 @@ class TrainerConfig(_Section):
 
 
 class EvalConfig(_Section):
-    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20], min_length=1, description="Cut-offs K of HR@K and NDCG@K (at least one).")
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k <= 0 for k in v):
+            raise ValueError("every K must be a positive integer")
+        return v
+
     exclude_seen: bool = Field(False, description="Primary protocol: drop the user's history items from the ranking. Both are reported.")
     score_memory_mb: float = Field(256.0, gt=0, description="Memory budget for scoring the catalog in chunks (batch x chunk floats); bounds eval and recommend on large catalogs.")
     beyond_accuracy: bool = Field(True, description="Also report coverage@K, gini@K, ild@K, novelty@K and HR/NDCG by item-popularity and user-activity bucket.")
@@ -401,7 +452,7 @@ class EvalConfig(_Section):
 
 class WandbConfig(_Section):
     enabled: bool = True
-    mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = online if WANDB_API_KEY is set, else offline.")
+    mode: Literal["auto", "online", "offline", "disabled"] = Field("auto", description="auto = WANDB_MODE if set, else online if WANDB_API_KEY is set, else offline.")
     project: str = "ecomtrain"
     entity: Optional[str] = None
     tags: list[str] = Field(default_factory=list)
@@ -451,6 +502,21 @@ class Recipe(_Section):
     @property
     def primary_task(self):
         return self.task[0]
+    @model_validator(mode="after")
+    def _monitor_is_logged(self) -> "Recipe":
+        # checked here, not after the first epoch: Lightning's EarlyStopping only fails once
+        # validation has run and the metric is missing
+        from .tasks import val_metrics
+
+        es = self.trainer.early_stopping
+        if es.monitor is not None:
+            logged = [m for t in self.task for m in val_metrics(t.name, self.eval.ks)]  # any task's validation metric
+            if es.monitor not in logged:
+                raise ValueError(
+                    f"trainer.early_stopping.monitor: '{es.monitor}' is not logged with eval.ks={self.eval.ks}; "
+                    f"choose one of {', '.join(logged)}"
+                )
+        return self
 
 
 # ------------------------------------------------------------------ loading API
@@ -508,6 +574,8 @@ def _describe(err: dict) -> str:
         return f"{path}: unknown key{hint}"
     if kind == "missing":
         return f"{path}: required field is missing"
+    if not loc and kind == "value_error":  # a whole-recipe check: its message names the key
+        return str(err["msg"]).removeprefix("Value error, ")
     got = err.get("input")
     shown = repr(got)
     if len(shown) > 60:
@@ -537,8 +605,19 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         key = key.strip()
         if not key:
             raise RecipeError(f"override '{item}' has an empty key")
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else None)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override '{item}': the value is not valid YAML ({_yaml_problem(exc)}); quote it if it is a string") from None
+        _set_dotted(tree, key, value)
     return tree
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where (PyYAML's own message spans several)."""
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{what} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else what
 
 
 def validate_tree(tree: Any, source: str = "<recipe>") -> Recipe:
@@ -549,6 +628,8 @@ def validate_tree(tree: Any, source: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         lines = [_describe(e) for e in exc.errors()]
         n = len(lines)
+        if n == 1:  # one problem, one line: "recipe.yaml: trainer.max_epocs: unknown key; did you mean ..."
+            raise RecipeError(f"{source}: {lines[0]}") from None
         raise RecipeError(
             f"{source}: {n} problem{'s' if n != 1 else ''} in the recipe:\n" + "\n".join(f"  - {ln}" for ln in lines)
         ) from None
@@ -561,7 +642,9 @@ def read_yaml(path: str | os.PathLike) -> Any:
     try:
         return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{p}: not valid YAML: {exc}") from None
+        raise RecipeError(f"{p}: not valid YAML: {_yaml_problem(exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{p}: not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Recipe:

@@ -134,6 +134,60 @@ def copy_catalog(cfg, dest: Path) -> None:
     src = root / load_manifest(root).get("item_file", "items.parquet")
     if src.is_file():
         shutil.copyfile(src, dest)
+TOWER_PREFIX = "net.tower."
+
+
+def write_item_tower(out: Path, cfg, vocab, state: dict) -> None:
+    """model.items text/hybrid: ``item_tower.safetensors`` (the item text table, the trained adapter,
+    the standardisation and the ID-free mask) + ``item_tower.json``; ``load_exported`` reads them."""
+    from safetensors.torch import save_file
+
+    from .data.build import load_manifest
+    from .model.item_text import prepare
+
+    manifest = load_manifest(cfg.data.path)
+    it = prepare(cfg, manifest, log=lambda *_: None)
+    tower = {k[len(TOWER_PREFIX):]: v for k, v in state["state_dict"].items() if k.startswith(TOWER_PREFIX)}
+    if not tower:
+        raise RecipeError(f"checkpoint holds no '{TOWER_PREFIX}*' weights although model.items={cfg.model.items}")
+    import polars as pl
+    import torch
+
+    counts = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"), columns=["idx", "train_count"]).sort("idx")
+    id_free = torch.cat([torch.zeros(1, dtype=torch.bool), torch.tensor((counts["train_count"] == 0).to_list(), dtype=torch.bool)])
+    tensors = {"table": it.table.contiguous(), "id_free": id_free.to(torch.uint8)}
+    tensors.update({f"tower.{k}": v.detach().float().contiguous() for k, v in tower.items()})
+    save_file(tensors, str(out / "item_tower.safetensors"))
+    (out / "item_tower.json").write_text(json.dumps({
+        "mode": cfg.model.items, "adapter": cfg.model.item_text.adapter, "num_items": vocab.num_items,
+        "template": cfg.data.item_text.template, "encoder": cfg.model.item_text.encoder, "table_key": it.key,
+        "note": "scores = ecomtrain.export.load_exported(DIR)(items, positions); text vectors = adapter((table - mu) / sd)",
+    }, indent=1))
+
+
+def load_exported(folder: str | Path):
+    """An exported folder -> ``model.backbone.ItemLM`` in eval mode (id, text or hybrid)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .model.backbone import ItemLM, ItemVocab
+
+    folder = Path(folder)
+    lm = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    iv = json.loads((folder / "item_vocab.json").read_text())
+    mode, tower = "id", None
+    if (folder / "item_tower.json").is_file():
+        from safetensors.torch import load_file
+
+        from .model.items import ItemTower
+
+        meta = json.loads((folder / "item_tower.json").read_text())
+        t = load_file(str(folder / "item_tower.safetensors"))
+        mode = meta["mode"]
+        tower = ItemTower(t["table"], lm.config.hidden_size, meta["adapter"], t["id_free"].bool())
+        tower.load_state_dict({k[len("tower."):]: v for k, v in t.items() if k.startswith("tower.")}, strict=False)
+    vocab = ItemVocab(iv["num_items"], iv["first_item_token_id"], iv["pad_token_id"], tokens=mode != "text")
+    return ItemLM(lm, vocab, mode=mode, tower=tower).eval()
 
 
 README = """# {name}: exported by ecomtrain
@@ -194,6 +248,8 @@ def export(run_dir: str | Path, out: str | Path, ckpt: str = "last", merge: bool
     lm.save_pretrained(tmp, safe_serialization=True)
     (tok if tok is not None else item_tokenizer(vocab.num_items)).save_pretrained(tmp)
     (tmp / "item_vocab.json").write_text(json.dumps(item_vocab_json(cfg, vocab), indent=1))
+    if cfg.model.items != "id":
+        write_item_tower(tmp, cfg, vocab, state)
     tc = cfg.trainer
     meta = {
         "run_dir": str(run_dir.resolve()), "checkpoint": str(path), "global_step": state.get("global_step"),

@@ -22,6 +22,8 @@
 #   MAX_RESTARTS    torchrun --max-restarts (default 3): a failed worker restarts the whole group,
 #                   which resumes from RUN_DIR/checkpoints/last.ckpt (trainer.resume=auto)
 #   PYTHON          interpreter (default python); TORCHRUN_ARGS: extra torchrun flags
+#   ENTRY           what torchrun starts per process (default "-m ecomtrain.cli"; a script path
+#                   taking the same arguments works too, e.g. the test suite's tests/faulty_train.py)
 # Later overrides win, so "run.dir=..." or "trainer.resume=PATH" on the command line replace ours.
 set -euo pipefail
 
@@ -65,5 +67,6 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:
 if [[ "${NODE_RANK:-0}" == 0 ]]; then
   echo "[torchrun.sh] $NNODES node(s) x $NPROC_PER_NODE process(es), run dir $RUN_DIR, max restarts ${MAX_RESTARTS:-3}" >&2
 fi
-exec "$PYTHON" -m torch.distributed.run "${args[@]}" -m ecomtrain.cli train "$RECIPE" \
+read -r -a ENTRY_CMD <<<"${ENTRY:--m ecomtrain.cli}"
+exec "$PYTHON" -m torch.distributed.run "${args[@]}" "${ENTRY_CMD[@]}" train "$RECIPE" \
   run.dir="$RUN_DIR" trainer.resume=auto trainer.num_nodes="$NNODES" trainer.devices="$NPROC_PER_NODE" "$@"

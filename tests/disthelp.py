@@ -27,10 +27,16 @@ def tiny_recipe(path: Path, data: Path, run_dir: Path, **trainer) -> Path:
     return path
 
 
-def torchrun(recipe: Path, *overrides: str, nproc: int = 2, env: dict | None = None, timeout: int = 600, check: bool = True):
-    """Run ``torchrun --standalone -m ecomtrain.cli train RECIPE overrides``; returns (proc, seconds)."""
+FAULTY = str(REPO / "tests" / "faulty_train.py")
+
+
+def torchrun(recipe: Path, *overrides: str, nproc: int = 2, env: dict | None = None, timeout: int = 600, check: bool = True,
+             faults: str | None = None):
+    """Run ``torchrun --standalone -m ecomtrain.cli train RECIPE overrides``; returns (proc, seconds).
+    ``faults``: a tests/faults.py spec (e.g. "crash_at=4"): runs tests/faulty_train.py instead."""
+    entry = [FAULTY, "--faults", faults] if faults else ["-m", "ecomtrain.cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ecomtrain.cli", "train", str(recipe), *overrides]
+           *entry, "train", str(recipe), *overrides]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 "WANDB_MODE": "disabled", **(env or {})}
     t0 = time.time()

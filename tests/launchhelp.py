@@ -52,6 +52,11 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def faulty_entry(spec: str) -> str:
+    """Command words that run ``ecomtrain`` with tests/faults.py's injector (for ENTRY / ECOMTRAIN)."""
+    return f"{REPO / 'tests' / 'faulty_train.py'} --faults {spec}"
+
+
 _START = re.compile(r"training from global step (\d+) \(restart (\d+)\)")
 
 

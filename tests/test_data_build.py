@@ -14,8 +14,7 @@ from ecomtrain.data import build, importers, synth
 from ecomtrain.data.importers import DataError
 from ecomtrain.data.samples import check_leakage, make_samples, split_positions
 
-# the shared data folder beside the repository (../shared/...), present on the development machines
-BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "sequential_data.txt"
+BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "sequential_data.txt"  # ../shared
 
 
 def _table(tmp_path, rows, name="ev.csv"):

@@ -1,5 +1,5 @@
 """The streaming reader on real shards: pickle refusal, corrupt/truncated shards,
-too few shards, mid-epoch resume, eval coverage, and a 2-process gloo run over
+fewer shards than readers (split by sample), mid-epoch resume, eval coverage, and a 2-process gloo run over
 shards of 100, 37 and 0 samples."""
 
 from __future__ import annotations
@@ -62,10 +62,20 @@ def test_truncated_shard_skipped_and_counted_then_fails_naming_it(tmp_path):
         list(ShardStream(tmp_path, "train", m, collate, 5))
 
 
-def test_fewer_shards_than_readers_is_a_clear_error(tmp_path):
-    m = make_shards(tmp_path, [10, 10, 0])
-    with pytest.raises(DataError, match=r"2 non-empty shard\(s\) \(.*\) but 2 ranks x 2 workers = 4 readers"):
-        ShardStream(tmp_path, "train", m, collate, 2, world_size=2, num_workers=2)
+def test_fewer_shards_than_readers_splits_by_sample(tmp_path):
+    """2 non-empty shards, 2 ranks x 2 DataLoader workers = 4 readers: the reader splits by sample
+    (it used to refuse). Each rank gets the same number of batches; the 4 readers' shares are
+    disjoint and together are the whole split."""
+    m = make_shards(tmp_path, [12, 12, 0])  # 6 samples per reader = its 3 batches of 2: one exact pass
+    per_rank = []
+    for rank in range(2):
+        st = ShardStream(tmp_path, "train", m, collate, 2, rank=rank, world_size=2, num_workers=2, seed=5)
+        got = ids(EpochLoader(st, num_workers=2))
+        assert len(got) == len(st) == 24 // (2 * 2)
+        per_rank.append([i for b in got for i in b])
+    a, b = per_rank
+    assert not set(a) & set(b) and len(set(a)) == len(a) and len(set(b)) == len(b)
+    assert sorted(a + b) == list(range(24))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

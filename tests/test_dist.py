@@ -23,6 +23,7 @@ STRATEGIES = {
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_two_process_training(tmp_path, tiny_dataset, name):
     run_dir = tmp_path / "run"

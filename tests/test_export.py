@@ -61,6 +61,7 @@ PLAIN = textwrap.dedent(
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 @pytest.mark.parametrize("strategy", ["ddp", "zero3"])
 def test_export_loads_with_plain_transformers(tmp_path, tiny_dataset, strategy):
     from ecomtrain.export import export, load_trained_lm

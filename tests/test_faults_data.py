@@ -348,8 +348,8 @@ def shard_missing(d):
 
 def split_empty_for_one_rank(d):
     m = _manifest(d)
-    names = [s["name"] for s in m["splits"]["train"]["shards"]]
-    return ["--ranks", str(len(names) + 1)], ["split 'train' is empty", names[0]]
+    n = m["splits"]["train"]["num_samples"]
+    return ["--ranks", str(n + 1)], ["split 'train' is empty", f"{n} sample(s)"]
 
 
 def manifest_not_json(d):

@@ -23,7 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
-SCRIPTS = [REPO / "launch" / "torchrun.sh", REPO / "launch" / "slurm.sbatch", REPO / ".ci" / "slurm-setup.sh"]
+SCRIPTS = [REPO / "launch" / "torchrun.sh", REPO / "launch" / "slurm.sbatch", REPO / ".ci" / "slurm-setup.sh", REPO / ".ci" / "run"]
 
 
 def _tool(name: str) -> str | None:

@@ -37,6 +37,7 @@ def run_worker(data: Path, out: Path, strategy: str) -> Path:
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
 def test_adalora_budget_shrinks_identically_on_every_rank(strategy, tiny_dataset, tmp_path_factory):
     out = run_worker(tiny_dataset, tmp_path_factory.mktemp(f"adalora_{strategy}"), strategy)
@@ -60,6 +61,7 @@ def test_adalora_budget_shrinks_identically_on_every_rank(strategy, tiny_dataset
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 def test_zero3_adapter_reloads_with_plain_peft(tiny_dataset, tmp_path_factory):
     """ZeRO-3-trained AdaLoRA -> export (fresh process) -> plain peft (another fresh process): same logits."""
     out = run_worker(tiny_dataset, tmp_path_factory.mktemp("adalora_zero3"), "zero3")
@@ -136,7 +138,7 @@ def resumed_pair(tiny_dataset: Path, tmp: Path) -> tuple[Path, Path]:
         full, part = tmp / "full", tmp / "part"
         torchrun(tiny_recipe(tmp / "full.yaml", tiny_dataset, full), *common)
         recipe = tiny_recipe(tmp / "part.yaml", tiny_dataset, part)
-        proc, _ = torchrun(recipe, *common, env={"ECOMTRAIN_TEST_HOOKS": "crash_at=4"}, check=False)
+        proc, _ = torchrun(recipe, *common, faults="crash_at=4", check=False)
         assert proc.returncode != 0
         torchrun(recipe, *common, "trainer.resume=auto")
         _RESUMED["zero2"] = (full, part)
@@ -151,6 +153,7 @@ def logged(run_dir: Path, key: str) -> dict[int, float]:
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 def test_adalora_resume_continues_schedule(tiny_dataset, tmp_path_factory):
     """The resumed run picks the schedule up where it stopped: the same budget at every later step,
     and the same adapter weights at the first resumed step (orthogonality penalty to 1e-6)."""
@@ -162,6 +165,7 @@ def test_adalora_resume_continues_schedule(tiny_dataset, tmp_path_factory):
 
 
 @pytest.mark.distributed
+@pytest.mark.timeout(900)  # several 2-process launches
 def test_adalora_resume_matches_uninterrupted(tiny_dataset, tmp_path_factory):
     """Killed after step 4 and resumed == uninterrupted: losses and penalties at every later step."""
     full, part = resumed_pair(tiny_dataset, tmp_path_factory.mktemp("adalora_resume"))

@@ -1,6 +1,6 @@
 """Checkpoint-and-stop on SIGUSR1 in one process (the mechanism behind the Slurm requeue), ~15 s.
 
-The run sends itself SIGUSR1 after step 2 (test hook): it must write a checkpoint for that step,
+The run sends itself SIGUSR1 after step 2 (tests/faults.py): it must write a checkpoint for that step,
 skip the final evaluation, exit with status 75, and a second run with trainer.resume=auto must
 continue from that step to max_steps.
 """
@@ -12,6 +12,7 @@ import signal
 import pytest
 
 from ecomtrain.config import validate_tree
+from faults import FaultInjector
 from ecomtrain.train import preemption
 from ecomtrain.train.checkpointing import find_resume, step_of
 from launchhelp import metrics
@@ -36,16 +37,14 @@ def test_sigusr1_checkpoints_stops_and_resumes(tiny_dataset, tmp_path, monkeypat
     lines: list[str] = []
     old = signal.getsignal(signal.SIGUSR1)
     try:
-        monkeypatch.setenv("ECOMTRAIN_TEST_HOOKS", "signal_at=2")
         with pytest.raises(SystemExit) as exc:
-            train(cfg, log=lines.append)
+            train(cfg, log=lines.append, callbacks=[FaultInjector(signal_at=2)])
         assert exc.value.code == preemption.EXIT_PREEMPTED
         stopped = [ln for ln in lines if ln.startswith("preempted at step")]
         assert stopped == ["preempted at step 3; exit 75 (resume with trainer.resume=auto)"], lines
         assert step_of(find_resume(run_dir)) == 3  # the checkpoint of the step it stopped at
         assert not (run_dir / "metrics.json").exists()  # no evaluation after the signal
 
-        monkeypatch.setenv("ECOMTRAIN_TEST_HOOKS", "")
         lines.clear()
         train(cfg, log=lines.append)
     finally:

@@ -14,14 +14,14 @@ import time
 
 import pytest
 
-from launchhelp import REPO, child_env, metrics, starts, tiny_data, tiny_recipe
+from launchhelp import PY, REPO, child_env, faulty_entry, metrics, starts, tiny_data, tiny_recipe
 from slurm_harness import cancel, job_info, read, sbatch, slurm_cluster, wait_done, wait_for
 
 SCRIPT = REPO / "launch" / "slurm.sbatch"
 # 2 tasks of 1 CPU: the header's 8 CPUs per task are for GPU nodes
 OPTS = ("--ntasks-per-node=2", "--cpus-per-task=1")
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(1200)]  # the time-limit job alone waits ~4 min for Slurm's clock
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_sbatch_requeue_resumes_from_checkpoint(cluster, tmp_path):
     checkpoints at the same step and exits 75 -> the script requeues -> the job resumes there and ends."""
     t0 = time.time()
     # pause_at=3: the first attempt holds at step 3 until the signal comes, so it is surely mid-run
-    job = _submit(tmp_path, ECOMTRAIN_TEST_HOOKS="pause_at=3")
+    job = _submit(tmp_path, ECOMTRAIN=f"{PY} {faulty_entry('pause_at=3')}")
     out = tmp_path / f"ecomtrain-{job}.out"
     try:
         wait_for(lambda: starts(read(out)), 300, "the first attempt to start training")
@@ -99,7 +99,7 @@ def test_time_limit_signal_requeues_and_finishes(cluster, tmp_path):
     t0 = time.time()
     ds = tiny_data(tmp_path)
     recipe = tiny_recipe(tmp_path / "tiny.yaml", ds)
-    env = child_env(RUN_ROOT=str(tmp_path / "runs"), ECOMTRAIN_TEST_HOOKS="pause_at=3")
+    env = child_env(RUN_ROOT=str(tmp_path / "runs"), ECOMTRAIN=f"{PY} {faulty_entry('pause_at=3')}")
     job = sbatch(SCRIPT, str(recipe), sbatch_opts=(*OPTS, "--time=4"), cwd=tmp_path, env=env)
     final = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
     try:

@@ -51,13 +51,46 @@ def test_eval_sees_every_sample_once_with_padding(tiny_dataset):
     assert sum(seen) == n
 
 
-def test_balance_and_too_few_shards(tiny_dataset):
+def test_balance_shards():
     shards = [{"name": "a", "num_samples": 100}, {"name": "b", "num_samples": 37}, {"name": "c", "num_samples": 0}]
     assert [[s["name"] for s in b] for b in balance_shards(shards, 2)] == [["a"], ["b"]]
-    m = build.load_manifest(tiny_dataset)
-    nshards = sum(1 for s in m["splits"]["train"]["shards"] if s["num_samples"])
-    with pytest.raises(DataError, match="readers need one each"):
-        ShardStream(tiny_dataset, "train", m, _task(m).collate_train, 2, world_size=nshards + 1)
+
+
+@pytest.mark.parametrize("world,workers", [(2, 1), (3, 2)])
+def test_fewer_shards_than_readers_splits_samples(tmp_path_factory, synth_raw, world, workers):
+    """One train shard (the default shard size on a small dataset) and 2+ ranks: the reader splits by
+    sample. Every rank gets the same number of batches, no sample reaches two ranks, and together
+    they cover the split."""
+    import json
+    from collections import Counter
+
+    from ecomtrain.data import importers
+
+    ds = tmp_path_factory.mktemp("one_shard")
+    build.build(importers.load("synth", synth_raw), ds, shard_max_samples=100_000, log=lambda *_: None)
+    m = build.load_manifest(ds)
+    assert sum(1 for s in m["splits"]["train"]["shards"] if s["num_samples"]) == 1
+    key = lambda s: json.dumps(s, sort_keys=True)  # noqa: E731
+    everything = Counter()
+    from ecomtrain.data.shardio import _iter_shard
+
+    for sh in m["splits"]["train"]["shards"]:
+        everything.update(key(s) for s in _iter_shard(ds / sh["name"]))
+    n, batch = m["splits"]["train"]["num_samples"], 4
+    per_rank = []
+    for rank in range(world):
+        s = ShardStream(ds, "train", m, lambda b: b, batch, mode="train", rank=rank, world_size=world,
+                        num_workers=workers, shuffle_buffer=10, seed=1)
+        # read as the DataLoader's workers would: each worker id plays its own share
+        got = []
+        for wid in range(workers):
+            got += [x for b in s._iterate(wid, workers, 0) for x in b]
+        per_rank.append(Counter(key(x) for x in got))
+        assert len(got) == (n // (world * batch)) * batch  # equal batches on every rank
+    ranks_holding = Counter(k for c in per_rank for k in c)  # on how many ranks each sample shows up
+    assert all(ranks_holding[k] <= everything[k] for k in ranks_holding), "a sample reached two ranks"
+    assert set(ranks_holding) <= set(everything)
+    assert len(ranks_holding) >= 0.9 * len(everything)  # and the ranks together cover the split
 
 
 def test_pickle_members_are_refused(tmp_path):

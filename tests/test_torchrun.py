@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from launchhelp import REPO, child_env, metrics, run, starts, tiny_data, tiny_recipe
+from launchhelp import REPO, child_env, faulty_entry, metrics, run, starts, tiny_data, tiny_recipe
 
 SCRIPT = str(REPO / "launch" / "torchrun.sh")
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]  # two attempts of a 2-process run
 
 
 def _free_port() -> int:
@@ -31,7 +31,7 @@ def test_killed_rank_restarts_and_resumes(tmp_path):
     recipe = tiny_recipe(tmp_path / "tiny.yaml", tiny_data(tmp_path))
     run_dir = tmp_path / "run"
     env = child_env(NPROC_PER_NODE="2", MAX_RESTARTS="1", RUN_DIR=str(run_dir),
-                    ECOMTRAIN_TEST_HOOKS="crash_at=5,crash_rank=1,crash_attempt=0")
+                    ENTRY=faulty_entry("crash_at=5,crash_rank=1,crash_attempt=0"))
     t0 = time.time()
     proc = run(["bash", SCRIPT, str(recipe)], env=env, cwd=str(tmp_path), timeout=600)
     log = proc.stdout + proc.stderr

@@ -50,6 +50,7 @@ from .. import __version__
 from ..config import BuildConfig
 from .importers import DataError, Imported, check_ids, translate
 from .outdir import check_out, recover, roll_forward
+from . import cold as cold_items_
 from .samples import check_leakage, make_samples, pseudonymise, split_positions
 
 SCHEMA_VERSION = 1
@@ -367,6 +368,11 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
             t_test = t_val + 1
         log(f"temporal split: val from ts {t_val}, test from ts {t_test}")
 
+    # cold-start items (data/cold.py): chosen among val/test targets, removed from training input
+    cold = cold_items_.choose(seq_parts, len(vocab), o["cold_items"], o["seed"], o["split"], t_val)
+    if cold.len():
+        log(f"cold items: {cold.len()} of {len(vocab)} held out of training input (kept as val/test targets)")
+
     # 6. samples and shards, partition by partition
     sinks = {s: ShardSink(out, s, o["shard_max_samples"], o["shard_max_bytes"]) for s in SPLITS}
     train_counts = np.zeros(len(vocab) + 1, dtype=np.int64)
@@ -377,6 +383,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         seqs = pl.read_parquet(src)
         if not n_rated:  # no explicit ratings anywhere: samples carry no 'ratings' list
             seqs = seqs.drop("ratings")
+        seqs = cold_items_.hold_out(seqs, cold, o["split"], t_val, min_len)
         exploded = seqs.select("user", "items").with_row_index("_u").explode("items").join(
             item_map, left_on="items", right_on="item", how="left", maintain_order="left"
         )
@@ -399,12 +406,14 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
                 sinks[s].write_json(payload.encode())
         del seqs, samples
     splits = {s: sinks[s].finish() for s in SPLITS}
+    cold_idx = item_map.filter(pl.col("item").is_in(cold.implode()))["idx"].to_numpy()
+    cold_items_.check(train_counts, cold_idx)
     phase("samples_shards")
     for s in ("val", "test"):
         if splits[s]["num_samples"] == 0:
             log(f"warning: split '{s}' is empty")
 
-    cat = item_map.with_columns(train_count=pl.Series(train_counts[1:]))
+    cat = item_map.with_columns(train_count=pl.Series(train_counts[1:]), cold=pl.col("item").is_in(cold.implode()))
     if imp.items is not None:
         where = imp.items_origin or f"item catalog of {imp.description}"
         try:
@@ -446,6 +455,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         },
         "privacy": {"user_ids": "hmac-sha256" if o["pseudonymise_users"] else "raw", "key_env": o["pseudonym_key_env"] if o["pseudonymise_users"] else None},
         "leakage_check": "passed",
+        "cold_items": {"fraction": o["cold_items"], "count": int(cold.len()), "seed": o["seed"]},
         "stats": {
             "input_events": int(n_raw), "duplicates_dropped": int(n_raw - n_dedup),
             "events_by_type": {k: int(v) for k, v in sorted(ev_counts.items(), key=lambda kv: str(kv[0]))},

@@ -322,6 +322,9 @@ def _items_frame(path: Optional[str], columns: Optional[dict] = None) -> Optiona
     for ours, theirs in mapping.items():
         if ours != "item" and theirs not in names_ and columns and ours in columns:
             raise DataError(f"{p}: column '{theirs}' (mapped to {ours}) not found; columns are {', '.join(names_)}")
+    for col in names_:  # other columns travel too: an item-text template may name them
+        if col not in keep and col not in keep.values():
+            keep[col] = col
     out = lf.select([pl.col(k).alias(v) for k, v in keep.items()]).with_columns(pl.col("item").cast(pl.Utf8))
     if "price" in keep.values():
         out = out.with_columns(pl.col("price").cast(pl.Float64, strict=False))
@@ -424,8 +427,9 @@ def import_table(
 
 
 @register("seq")
-def import_seq(path: Path, **_) -> Imported:
-    """One user per line: ``user item item ...`` in chronological order (CRLF ok).
+def import_seq(path: Path, items: Optional[str] = None, **_) -> Imported:
+    """One user per line: ``user item item ...`` in chronological order (CRLF ok); ``items``: an
+    optional catalog table (item, title, brand, category, price, ...) keyed by the same ids.
 
     There are no timestamps: the position in the line is the time, so ties can
     never reorder a user's history.
@@ -448,7 +452,7 @@ def import_seq(path: Path, **_) -> Imported:
         .rename({"items": "item"})
         .select("user", "item", "ts")
     )
-    return imported(toks, str(path), None, f"sequence file {path}")
+    return imported(toks, str(path), _items_frame(items), f"sequence file {path}", items_origin=items)
 
 
 from . import importers_public  # noqa: E402,F401  (registers movielens, amazon-reviews, retailrocket, taobao)

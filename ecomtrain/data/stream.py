@@ -4,6 +4,11 @@ Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
 
 - **train** (``mode="train"``): shards are dealt to the ``world_size x
   num_workers`` readers, balanced by sample count (empty shards are skipped).
+  With fewer non-empty shards than readers (a small dataset built with the
+  default 5,000 samples per shard, on 2+ ranks) the split is by sample instead:
+  every reader reads all shards and keeps every ``readers``-th sample (a fixed,
+  disjoint share). Any dataset trains on any world size; the cost, ``readers``
+  x the decoding, only arises when the split is that small.
   Every rank yields exactly ``batches_per_rank = num_samples // (world * B)``
   batches per epoch: a reader that runs out of its shards starts them again
   (reshuffled), so uneven shards can never make one rank wait for another
@@ -84,15 +89,8 @@ class ShardStream(IterableDataset):
         if mode == "train":
             readers = self.world_size * self.num_workers
             self.assignment = balance_shards(self.shards, readers)
-            if any(not b for b in self.assignment):
-                nonempty = sum(1 for s in self.shards if s["num_samples"] > 0)
-                names = [s["name"] for s in self.shards if s["num_samples"] > 0]
-                raise DataError(
-                    f"{self.root}: split '{split}' is empty for some ranks: {nonempty} non-empty shard(s) "
-                    f"({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}) but {world_size} ranks x "
-                    f"{self.num_workers} workers = {readers} readers need one each; rebuild with a smaller "
-                    f"shard_max_samples or lower data.num_workers"
-                )
+            # fewer non-empty shards than readers: split by sample (see the module docstring)
+            self.sample_split = any(not b for b in self.assignment)
             self.batches_per_rank = self.num_samples // (self.world_size * self.batch_size)
             if self.batches_per_rank == 0:
                 raise DataError(
@@ -172,6 +170,26 @@ class ShardStream(IterableDataset):
             if not yielded:
                 raise DataError(f"{self.root}: no readable sample in shards {[s['name'] for s in shards]}")
 
+    def _sample_share(self, reader: int, readers: int, rng: random.Random) -> Iterator[dict]:
+        """Sample-level split (fewer shards than readers), cycled: sample j of a shard belongs to reader
+        (offset of the shard in manifest order + j) % readers, a fixed share disjoint from the others'."""
+        shards = [s for s in self.shards if s["num_samples"] > 0]
+        offsets, acc = {}, 0
+        for sh in shards:
+            offsets[sh["name"]], acc = acc, acc + sh["num_samples"]
+        while True:
+            order = list(shards)
+            rng.shuffle(order)
+            yielded = False
+            for sh in order:
+                base = offsets[sh["name"]]
+                for j, s in enumerate(self._samples([sh], rng, cycle=False)):
+                    if (base + j) % readers == reader:
+                        yielded = True
+                        yield s
+            if not yielded:
+                raise DataError(f"{self.root}: no readable sample for reader {reader} of {readers} in split '{self.split}'")
+
     def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if self.shuffle_buffer <= 1:
             yield from it
@@ -207,7 +225,10 @@ class ShardStream(IterableDataset):
             rng = random.Random(hash((self.seed, self.epoch, reader)) & 0xFFFFFFFF)
             # this role's share of the rank's batches
             n_batches = self.batches_per_rank // nw + (1 if role < self.batches_per_rank % nw else 0)
-            stream = self._shuffled(self._samples(self.assignment[reader], rng, cycle=True), rng)
+            if self.sample_split:
+                stream = self._shuffled(self._sample_share(reader, self.world_size * nw, rng), rng)
+            else:
+                stream = self._shuffled(self._samples(self.assignment[reader], rng, cycle=True), rng)
             skip = skip_total // nw + (1 if role < skip_total % nw else 0)
             for b in range(n_batches):
                 batch = [next(stream) for _ in range(self.batch_size)]

@@ -4,7 +4,10 @@
 
 What it models (so that a recommender has something real to learn):
 - items have a category, a brand (brands live in one or two categories), a
-  log-normal price around a category level, and a generated title;
+  log-normal price around a category level, and a generated title holding the
+  brand, a product-line name shared by runs of 4 items of a series, the category
+  noun and a size: text that correlates with behaviour (same category, brand,
+  price level and line => similar sequences), so text and cold-start items work;
 - popularity is Zipf-like (exponent 1.0) over a random item order;
 - items form "series" inside a category (shampoo -> conditioner): after an item
   a shopper often looks at its successor, a sequential signal popularity
@@ -51,6 +54,14 @@ _CAT_NOUNS = [
 ]
 _CHANNELS = ["app", "web", "mini_program"]
 _RATE_CHANNEL = {"app": 0.7, "web": -0.7}  # ratings: shoppers on the app rate higher than on the web
+_SYL = ["ka", "lo", "mi", "re", "su", "ta", "vi", "no", "pe", "zu", "ra", "el", "on", "is", "da", "fo"]
+
+
+def _line_name(category: int, run: int) -> str:
+    """A pronounceable product-line name, unique per (category, run), e.g. 'Kalomi'."""
+    n = category * 1009 + run
+    syl = [_SYL[(n >> (4 * k)) % 16] for k in range(3)]
+    return ("".join(syl) + str(n // 4096 or "")).capitalize()
 
 
 def generate(
@@ -90,10 +101,17 @@ def generate(
     # series: a random cycle inside each category gives every item a successor
     successor = np.arange(N)
     cat_items = [np.flatnonzero(item_cat == c) for c in range(C)]
-    for items in cat_items:
+    # product lines: runs of 4 consecutive items of a series share a line name in their title,
+    # so item text carries part of the sequential signal (and cold items can be placed by text);
+    # names are a pure function of (category, run), so no extra random draws: the events are
+    # the same as before lines existed
+    item_line = [""] * N
+    for c, items in enumerate(cat_items):
+        order = rng.permutation(items) if len(items) > 1 else items
         if len(items) > 1:
-            order = rng.permutation(items)
             successor[order] = np.roll(order, -1)
+        for k, i in enumerate(order):
+            item_line[i] = _line_name(c, k // 4)
 
     # planted-signal state: its own generator, so the default log is unchanged draw for draw
     prng = np.random.default_rng([seed, 7919])
@@ -109,7 +127,7 @@ def generate(
         return min(0.95, base * conv.get(ch, 1.0))
 
     titles = [
-        f"{'Brand' + str(item_brand[i]).zfill(2)} {_ADJ[rng.integers(len(_ADJ))]} "
+        f"{'Brand' + str(item_brand[i]).zfill(2)} {item_line[i]} {_ADJ[rng.integers(len(_ADJ))]} "
         f"{_CAT_NOUNS[item_cat[i] % len(_CAT_NOUNS)]} {int(rng.integers(50, 500))}ml"
         for i in range(N)
     ]

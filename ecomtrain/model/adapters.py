@@ -60,6 +60,8 @@ def default_target_modules(lm: nn.Module) -> list[str] | str:
 
 
 def item_token_indices(vocab) -> list[int]:
+    if not getattr(vocab, "tokens", True):
+        return []  # model.items=text: items are not tokens (the text adapter trains outside peft)
     return list(range(vocab.offset, vocab.offset + vocab.num_items))
 
 
@@ -90,7 +92,7 @@ def _peft_config(lm: nn.Module, cfg: Recipe, vocab):
     tied = bool(getattr(lm.config, "tie_word_embeddings", False))
     # tied: one wrapper on embed_tokens, peft ties lm_head to it; untied: both get their own rows
     tokens = {"embed_tokens": rows} if tied else {"embed_tokens": rows, "lm_head": rows}
-    common = dict(target_modules=targets, trainable_token_indices=tokens, bias="none", task_type="CAUSAL_LM")
+    common = dict(target_modules=targets, trainable_token_indices=tokens if rows else None, bias="none", task_type="CAUSAL_LM")
     if ft.method == "adalora":
         a = ft.adalora
         # total_step is a placeholder here (peft requires one > 0); train/adalora.py sets the

@@ -27,6 +27,7 @@ class ItemVocab:
     num_items: int
     offset: int  # token id of item 1
     pad_token_id: int
+    tokens: bool = True  # False for model.items=text: no item tokens in the vocabulary
 
     def to_tokens(self, items: torch.Tensor) -> torch.Tensor:
         return torch.where(items > 0, items + (self.offset - 1), torch.full_like(items, self.pad_token_id))
@@ -35,32 +36,50 @@ class ItemVocab:
         return f"<item_{i}>"
 
 
-def build_causal_lm(cfg: ModelConfig, num_items: int):
-    """Return (hf_model, ItemVocab, tokenizer or None)."""
+def build_causal_lm(cfg: ModelConfig, num_items: int, item_texts: Optional[list[str]] = None, text_max_length: int = 64):
+    """Return (hf_model, ItemVocab, tokenizer or None).
+
+    ``model.items=text`` adds no item tokens (items enter as text vectors). A pretrained
+    backbone in id/hybrid mode with ``item_texts`` starts each item token at the mean of its
+    own input embeddings of the item's text tokens (``backbone.init_items_from_text``).
+    """
     from transformers import AutoModelForCausalLM
 
     bb = cfg.backbone
+    with_tokens = cfg.items != "text"
     if bb.pretrained:
         from transformers import AutoTokenizer
 
-        lm = AutoModelForCausalLM.from_pretrained(bb.pretrained, local_files_only=True, attention_dropout=cfg.attention_dropout)
-        tok = AutoTokenizer.from_pretrained(bb.pretrained, local_files_only=True)
+        from .item_text import pad_ready_tokenizer, resolve_model
+
+        folder = resolve_model(bb.pretrained)
+        try:
+            lm = AutoModelForCausalLM.from_pretrained(str(folder), attention_dropout=cfg.attention_dropout)
+            tok = pad_ready_tokenizer(AutoTokenizer.from_pretrained(str(folder)), bb.pretrained)
+        except (OSError, ValueError) as exc:
+            from ..config import RecipeError
+
+            raise RecipeError(f"model.backbone.pretrained: '{bb.pretrained}' could not be loaded as a causal LM + tokenizer: {exc}") from None
+        if not with_tokens:
+            return lm, ItemVocab(num_items, 0, tok.pad_token_id, tokens=False), tok
+        base_rows = lm.get_input_embeddings().weight.shape[0]
         tok.add_tokens([f"<item_{i}>" for i in range(1, num_items + 1)])
         base = tok.convert_tokens_to_ids("<item_1>")
         if tok.convert_tokens_to_ids(f"<item_{num_items}>") != base + num_items - 1:
             raise ValueError(f"{bb.pretrained}: item tokens did not get contiguous ids in the tokenizer")
         # real checkpoints often pad the embedding past len(tokenizer) (Qwen2: 151,936 rows for
         # 151,665 tokens); never shrink it, grow it to hold the last item token
-        lm.resize_token_embeddings(max(len(tok), lm.get_input_embeddings().weight.shape[0]))
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        return lm, ItemVocab(num_items, base, pad), tok
+        lm.resize_token_embeddings(max(len(tok), base_rows))
+        if item_texts is not None and bb.init_items_from_text:
+            init_item_rows_from_text(lm, tok, base, item_texts, min(base, base_rows), text_max_length)
+        return lm, ItemVocab(num_items, base, tok.pad_token_id), tok
 
     if bb.arch == "qwen2":
         from transformers import Qwen2Config as Cfg
     else:
         from transformers import LlamaConfig as Cfg
     conf = Cfg(
-        vocab_size=num_items + 1,
+        vocab_size=num_items + 1 if with_tokens else 1,
         hidden_size=bb.hidden_size,
         intermediate_size=bb.intermediate_size,
         num_hidden_layers=bb.num_layers,
@@ -75,7 +94,24 @@ def build_causal_lm(cfg: ModelConfig, num_items: int):
         eos_token_id=None,
     )
     lm = AutoModelForCausalLM.from_config(conf)
-    return lm, ItemVocab(num_items, 1, 0), None
+    return lm, ItemVocab(num_items, 1, 0, tokens=with_tokens), None
+
+
+@torch.no_grad()
+def init_item_rows_from_text(lm, tok, first_row: int, texts: list[str], base_rows: int, max_length: int, chunk: int = 4096) -> None:
+    """Item token i := mean of the base input embeddings of its text's tokens (chunked, EmbeddingBag)."""
+    emb = lm.get_input_embeddings().weight
+    out_emb = lm.get_output_embeddings().weight if lm.get_output_embeddings() is not None else None
+    for lo in range(0, len(texts), chunk):
+        ids = tok(texts[lo: lo + chunk], add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        ids = [[t for t in row if t < base_rows] or [tok.pad_token_id] for row in ids]
+        flat = torch.tensor([t for row in ids for t in row], dtype=torch.long)
+        offsets = torch.tensor([0] + [len(r) for r in ids[:-1]], dtype=torch.long).cumsum(0)
+        means = nn.functional.embedding_bag(flat, emb[:base_rows], offsets, mode="mean")
+        emb[first_row + lo: first_row + lo + len(ids)] = means.to(emb.dtype)
+        if out_emb is not None and out_emb.data_ptr() != emb.data_ptr():
+            out_emb[first_row + lo: first_row + lo + len(ids)] = nn.functional.embedding_bag(
+                flat, out_emb[:base_rows], offsets, mode="mean").to(out_emb.dtype)
 
 
 def causal_core(lm: nn.Module) -> nn.Module:
@@ -85,15 +121,20 @@ def causal_core(lm: nn.Module) -> nn.Module:
 
 
 class ItemLM(nn.Module):
-    """Item indices in, item logits out."""
+    """Item indices in, item logits out (``model.items`` id, text or hybrid; see model/items.py)."""
 
     def __init__(self, lm: nn.Module, vocab: ItemVocab, dropout: float = 0.0, tokenizer=None, hidden_dropout: float = 0.0,
-                 side: Optional[nn.Module] = None):
+                 mode: str = "id", tower: Optional[nn.Module] = None, id_dropout: float = 0.0, side: Optional[nn.Module] = None):
         super().__init__()
+        if mode != "id" and tower is None:
+            raise ValueError(f"model.items={mode} needs an item text table")
         self.lm = lm
         self.side = side  # model/side_inputs.SideInputs (event type, channel, time gap) or None
         self.vocab = vocab
         self.tokenizer = tokenizer
+        self.mode = mode
+        self.tower = tower
+        self.id_dropout = id_dropout
         self.embed_dropout = nn.Dropout(dropout)
         self.hidden_dropout = hidden_dropout
         if hidden_dropout > 0:
@@ -110,9 +151,21 @@ class ItemLM(nn.Module):
             return (nn.functional.dropout(out[0], self.hidden_dropout, True), *out[1:])
         return nn.functional.dropout(out, self.hidden_dropout, True)
 
+    def _id_keep(self, idx: torch.Tensor) -> torch.Tensor:
+        """1 where an item's ID part counts (hybrid): never for ID-free (cold) items; id_dropout in training."""
+        keep = ~self.tower.id_free[idx]
+        if self.training and self.id_dropout > 0:
+            keep = keep & (torch.rand(idx.shape, device=idx.device) >= self.id_dropout)
+        return keep
+
     def item_embeddings(self, items: torch.Tensor) -> torch.Tensor:
-        """Input embeddings of item indices (0 = padding)."""
-        return causal_core(self.lm).get_input_embeddings()(self.vocab.to_tokens(items))
+        core = causal_core(self.lm)
+        if self.mode == "text":
+            return self.tower.embed(items)
+        emb = core.get_input_embeddings()(self.vocab.to_tokens(items))
+        if self.mode == "hybrid":
+            emb = emb * self._id_keep(items).unsqueeze(-1).to(emb.dtype) + self.tower.embed(items).to(emb.dtype)
+        return emb
 
     def hidden(self, items: torch.Tensor, position_ids: Optional[torch.Tensor] = None, side: Optional[dict] = None,
                extra: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -134,15 +187,11 @@ class ItemLM(nn.Module):
         out = core.model(inputs_embeds=emb, attention_mask=mask, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state
 
-    def item_logits(self, hidden: torch.Tensor, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
-        """Logits of item columns ``lo .. hi-1`` (column j = item j+1): ``[..., hi-lo]``.
-
-        A plain ``nn.Linear`` head (tied or not) is sliced to rows ``offset+lo .. offset+hi`` and
-        only those are multiplied, so scoring a chunk of a 1 M-item catalog costs the chunk, not the
-        vocabulary. A wrapped head (peft trainable tokens) or a ZeRO-3-partitioned weight runs whole
-        and is sliced after (correct, not cheaper).
-        """
-        hi = self.vocab.num_items if hi is None else hi
+    def _id_head(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """ID-token logits of item columns lo..hi-1. A plain ``nn.Linear`` head (tied or not) is sliced to
+        rows ``offset+lo .. offset+hi`` and only those are multiplied, so scoring a chunk of a 1 M-item
+        catalog costs the chunk, not the vocabulary. A wrapped head (peft trainable tokens) or a
+        ZeRO-3-partitioned weight runs whole and is sliced after (correct, not cheaper)."""
         a, b = self.vocab.offset + lo, self.vocab.offset + hi
         head = causal_core(self.lm).lm_head
         full = lo == 0 and hi == self.vocab.num_items
@@ -150,6 +199,30 @@ class ItemLM(nn.Module):
             bias = head.bias[a:b] if head.bias is not None else None
             return nn.functional.linear(hidden, head.weight[a:b], bias)
         return head(hidden)[..., a:b]
+
+    def item_logits(self, hidden: torch.Tensor, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """Scores of item columns lo..hi-1 (column j = item j+1): [..., hi - lo].
+
+        text/hybrid project only the text rows lo..hi-1, never the whole catalog."""
+        hi = self.vocab.num_items if hi is None else hi
+        if self.mode == "text":
+            return self._unseen_out(hidden @ self.tower.vectors(lo, hi).to(hidden.dtype).T, lo, hi)
+        logits = self._id_head(hidden, lo, hi)
+        if self.mode == "hybrid":
+            cols = torch.arange(lo + 1, hi + 1, device=hidden.device)
+            keep = self._id_keep(cols).to(logits.dtype)
+            logits = self._unseen_out(logits * keep + hidden @ self.tower.vectors(lo, hi).to(hidden.dtype).T, lo, hi)
+        return logits
+
+    def _unseen_out(self, logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """Training only: items with no training occurrence leave the softmax. They are never a training
+        label, so as negatives they would only be pushed down -- through their text features too, which
+        hashed or high-dimensional text lets the adapter memorise per item (measured on the synthetic
+        quickstart: cold HR@10 0.0 for text mode before this). At evaluation they rank like any item."""
+        if not self.training:
+            return logits
+        free = self.tower.id_free[lo + 1: hi + 1]
+        return logits.masked_fill(free, float("-inf")) if bool(free.any()) else logits
 
     def forward(self, items: torch.Tensor, positions: Optional[torch.Tensor] = None, side: Optional[dict] = None) -> torch.Tensor:
         """Item logits at every position ([B,T,N]) or at ``positions`` ([B,N])."""

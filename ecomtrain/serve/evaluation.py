@@ -23,11 +23,17 @@ from .topk import HiddenScorer, VectorScorer, chunk_for_budget, last_hidden, ran
 
 class EvalSuite(nn.Module):
     def __init__(self, ev, num_items: int, max_history: int, popularity: torch.Tensor, stage: str,
-                 category: Optional[torch.Tensor] = None, channels: Sequence[str] = (), titles: Optional[list] = None):
+                 category: Optional[torch.Tensor] = None, channels: Sequence[str] = (), titles: Optional[list] = None,
+                 cold: Optional[torch.Tensor] = None):
         super().__init__()
         self.ev, self.num_items, self.max_history, self.stage = ev, num_items, max_history, stage
         self.ks = tuple(ev.ks)
         self.main, self.alt, self.pop = RankingMetrics(self.ks), RankingMetrics(self.ks), RankingMetrics(self.ks)
+        # data.build.cold_items: the primary protocol again, split by whether the target is a cold item
+        self.has_cold = cold is not None
+        self.register_buffer("cold", cold if cold is not None else torch.zeros(num_items, dtype=torch.bool), persistent=False)
+        self.cold_m = RankingMetrics(self.ks) if self.has_cold else None
+        self.warm_m = RankingMetrics(self.ks) if self.has_cold else None
         self.register_buffer("pop_bucket", popularity_buckets(popularity), persistent=False)
         self.beyond = BeyondAccuracy(num_items, self.ks, popularity, category) if ev.beyond_accuracy else None
         self.by_pop = nn.ModuleList([RankingMetrics(self.ks, report_count=True) for _ in POP_BUCKETS]) if ev.beyond_accuracy else None
@@ -55,6 +61,10 @@ class EvalSuite(nn.Module):
         main, alt = (excl, incl) if self.ev.exclude_seen else (incl, excl)
         for m, r in ((self.main, main), (self.alt, alt)):
             m.update_counts(r.greater, r.equal, r.n_finite, r.target_masked, N, w)
+        if self.has_cold:
+            is_cold = self.cold[target].to(w.dtype)
+            self.cold_m.update_counts(main.greater, main.equal, main.n_finite, main.target_masked, N, w * is_cold)
+            self.warm_m.update_counts(main.greater, main.equal, main.n_finite, main.target_masked, N, w * (1 - is_cold))
         pop = rank_catalog(VectorScorer(popularity, B), B, N, 1, chunk, seen=seen if self.ev.exclude_seen else None, target=target)
         self.pop.update_counts(pop.greater, pop.equal, pop.n_finite, pop.target_masked, N, w)
         if self.beyond is not None:
@@ -89,6 +99,9 @@ class EvalSuite(nn.Module):
         out: dict[str, torch.Tensor] = {}
         for m, prefix in ((self.main, f"{stage}/"), (self.alt, f"{stage}/{alt_name}/"), (self.pop, f"baseline/popularity/{stage}/")):
             out.update({prefix + k: v for k, v in m.compute().items()})
+        if self.has_cold:
+            for m, prefix in ((self.cold_m, f"{stage}_cold/"), (self.warm_m, f"{stage}_warm/")):
+                out.update({prefix + k: v for k, v in m.compute().items()})
         if self.beyond is not None:
             out.update({f"{stage}/{k}": v for k, v in self.beyond.compute().items()})
             for group, names, ms in (("pop", POP_BUCKETS, self.by_pop), ("user", USER_BUCKETS, self.by_user)):

@@ -42,7 +42,7 @@ class TaskContext:
     data_path: str = ""
     inputs: dict = field(default_factory=dict)  # model.inputs flags: event_types, channels, time_gaps
     eval_cfg: Any = None  # the recipe's EvalConfig (evaluators read their knobs from it)
-    catalog: dict = field(default_factory=dict)  # optional per-item extras: 'category' codes, 'titles' (index j = item j+1)
+    catalog: dict = field(default_factory=dict)  # optional per-item extras: 'category' codes, 'titles', 'cold' flags (index j = item j+1)
 
 
 def stable_hash(text: Any) -> int:

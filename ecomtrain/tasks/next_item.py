@@ -129,6 +129,13 @@ class NextItemTask(Task):
         # a harmless row for padding eval batches (its weight is 0)
         self.pad_sample = {"items": [1], "target": 1}
 
+    @classmethod
+    def monitor(cls, ks) -> str:
+        """Validation metric that picks the best checkpoint (see ``tasks.monitor``)."""
+        from . import monitor
+
+        return monitor(cls.name, ks)
+
     # -- tensors
     def collate_train(self, samples: list[dict]) -> dict:
         L = self.max_history
@@ -231,7 +238,8 @@ class NextItemEvaluator(nn.Module):
         cat = ctx.catalog.get("category")
         self.suite = EvalSuite(ctx.eval_cfg, ctx.num_items, ctx.max_history, counts, stage,
                                torch.tensor(cat, dtype=torch.long) if cat is not None else None,
-                               ctx.manifest.get("channels") or [], ctx.catalog.get("titles"))
+                               ctx.manifest.get("channels") or [], ctx.catalog.get("titles"),
+                               cold=torch.tensor(ctx.catalog["cold"], dtype=torch.bool) if ctx.catalog.get("cold") is not None else None)
         self.register_buffer("popularity", counts, persistent=False)
 
     @torch.no_grad()

@@ -3,7 +3,7 @@
 Layout of RUN_DIR/checkpoints (a DeepSpeed checkpoint is a folder, any other a file):
 
     step<N>.ckpt           periodic (trainer.checkpoint.every_n_steps), newest keep_last kept
-    best-epoch<E>-step<N>.ckpt   best on val/ndcg@10
+    best-epoch<E>-step<N>.ckpt   best on the task's monitor (val/ndcg@10 when eval.ks has 10)
     last.ckpt -> ...       symlink to the newest complete checkpoint
     .tmp-<name>            being written; never read, removed on the next save
 
@@ -269,33 +269,145 @@ def resolve_checkpoint(run_dir: Path, ckpt: str) -> Path:
         path = found[-1] if found else (find_resume(run_dir) or ck / "last.ckpt")
     else:
         path = Path(ckpt)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return path
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(f"{run_dir}: no complete checkpoint in {ck} (--ckpt {ckpt}); the run saved none yet")
     return path
 
 
 # ---------------------------------------------------------------- reading weights back
+# Every checkpoint is read with torch.load(weights_only=True): tensors, plain containers and numbers
+# only, so a crafted file cannot run code when unpickled. Our own checkpoints need nothing more (the
+# numpy RNG state is stored as a tensor, see ResumeState); DeepSpeed's files add the few types below.
+def _safe_types() -> list:
+    import collections
+
+    out: list = [collections.OrderedDict, collections.defaultdict, set, frozenset]
+    try:
+        # what DeepSpeed 0.19 pickles into zero_pp_rank_*_optim_states.pt besides tensors: plain
+        # data classes (rebuilt field by field, no code of their own runs), found by loading
+        # ZeRO-2/3 checkpoints of this repo with weights_only=True
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out += [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    except ImportError:  # DeepSpeed not installed: no DeepSpeed checkpoints to read
+        pass
+    return out
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    text = str(exc)
+    # torch names the offending global, e.g. "Unsupported global: GLOBAL posix.system"
+    for line in text.splitlines():
+        if "Unsupported global" in line or "Unsupported operand" in line or "unsupported" in line.lower():
+            return line.strip().rstrip(".")
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
+def safe_load(path) -> Any:
+    """``torch.load(path, weights_only=True)``; anything else -> one-line :class:`CheckpointError`."""
+    import pickle
+
+    from .errors import CheckpointError
+
+    source = path  # a path, or a file object (DeepSpeed's engine hands torch.load a BytesIO)
+    if isinstance(path, (str, os.PathLike)):
+        path = source = Path(path)
+        if path.is_file() and path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    else:
+        path = getattr(source, "name", "<checkpoint stream>")
+    try:
+        with torch.serialization.safe_globals(_safe_types()):
+            return _ORIG_LOAD(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"{path}: refused to load: the file holds code or objects beyond tensors and plain data "
+                f"({_unsafe_reason(exc)}); ecomtrain reads only checkpoints it wrote"
+            ) from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({str(exc).splitlines()[0]})") from None
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 (EOFError, zip errors, IndexError from a garbled pickle...)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({first})") from None
+
+
+_ORIG_LOAD = torch.load
+
+
+class weights_only_loads:  # noqa: N801 (used as a context manager)
+    """Within the block, every ``torch.load`` (DeepSpeed's engine and converter, and Lightning's
+    converter, call it with ``weights_only=False``) goes through :func:`safe_load`."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def __enter__(self):
+        def load(f, map_location=None, *args, **kw):  # noqa: ARG001 (weights_only is fixed by safe_load)
+            state = safe_load(f)
+            if map_location is not None and str(map_location) != "cpu":
+                state = _to_device(state, map_location)
+            return state
+
+        if self.enabled:
+            torch.load = load
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.load = _ORIG_LOAD
+
+
+def _to_device(obj: Any, device) -> Any:
+    """Tensors of a loaded state moved to ``map_location`` (a device or its name; a callable
+    map_location is DeepSpeed's keep-on-CPU ``lambda storage, loc: storage``)."""
+    if callable(device):
+        return obj
+    if torch.is_tensor(obj):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        out = obj.copy()  # keeps OrderedDict / defaultdict
+        for k, v in obj.items():
+            out[k] = _to_device(v, device)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_to_device(v, device) for v in obj)
+    return obj
+
+
 def consolidate_deepspeed(ckpt_dir: Path, out_file: Path) -> Path:
-    """A DeepSpeed checkpoint folder (ZeRO-1/2/3, any world size) -> one fp32 Lightning checkpoint file."""
+    """A DeepSpeed checkpoint folder (ZeRO-1/2/3, any world size) -> one fp32 Lightning checkpoint file.
+    Every file of the folder is read weights-only (see :func:`safe_load`)."""
     import contextlib
     import io
 
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints per tensor
+    with contextlib.redirect_stdout(io.StringIO()), weights_only_loads():  # it prints per tensor
         convert_zero_checkpoint_to_fp32_state_dict(str(ckpt_dir), str(out_file))
     return out_file
 
 
 def load_lightning_state(path: Path) -> dict[str, Any]:
-    """A checkpoint we wrote (file or DeepSpeed folder) -> dict with ``state_dict`` (fp32 for DeepSpeed)
-    and ``hyper_parameters``. Only our own checkpoints are read this way (they hold Lightning's
-    non-tensor loop state, so ``weights_only=False``); never point it at files from elsewhere."""
+    """A checkpoint (file or DeepSpeed folder) -> dict with ``state_dict`` (fp32 for DeepSpeed) and
+    ``hyper_parameters``, read weights-only: a file that would run code when unpickled, or that is
+    not a checkpoint, raises :class:`~ecomtrain.train.errors.CheckpointError` (one line)."""
+    from .errors import CheckpointError
+
     path = Path(path)
     if is_deepspeed_checkpoint(path):
         with tempfile.TemporaryDirectory() as td:
             out = consolidate_deepspeed(path, Path(td) / "consolidated.ckpt")
-            return torch.load(out, map_location="cpu", weights_only=False)
-    if path.is_dir():
-        raise FileNotFoundError(f"{path}: a folder but not a DeepSpeed checkpoint (no 'latest' file)")
-    return torch.load(path, map_location="cpu", weights_only=False)
+            state = safe_load(out)
+    elif path.is_dir():
+        raise CheckpointError(f"{path}: a folder but not a DeepSpeed checkpoint (no 'latest' file)")
+    else:
+        state = safe_load(path)
+    if not isinstance(state, dict) or "state_dict" not in state:
+        raise CheckpointError(f"{path}: not an ecomtrain checkpoint (no 'state_dict')")
+    return state

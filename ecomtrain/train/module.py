@@ -18,7 +18,6 @@ from ..config import Recipe
 from ..model.adapters import adapter_regularization, apply_finetune_method, check_method_supported
 from ..model.backbone import ItemLM, build_causal_lm
 from ..tasks.base import Task, build_tasks, sub_batch, subtasks
-from . import _test_hooks
 
 #: manifest fields a module needs to rebuild its tasks from a checkpoint (saved in hparams)
 _META = ("num_items", "event_types", "channels", "sample_fields", "source")
@@ -42,27 +41,33 @@ def lr_lambda(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def module_for_dataset(cfg: Recipe, manifest: dict) -> "RecModule":
-    """The RecModule for a built dataset: its catalog size and train-split popularity."""
+def module_for_dataset(cfg: Recipe, manifest: dict, log=print) -> "RecModule":
+    """The RecModule for a built dataset: its catalog size, train-split popularity, cold items and
+    (model.items text/hybrid, or a pretrained backbone's id init) the item text of model/item_text.py."""
     from pathlib import Path
 
     import polars as pl
 
     from ..config import redact
+    from ..model.item_text import prepare
 
-    items = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet")).sort("idx")
+    path = Path(cfg.data.path) / manifest.get("item_file", "items.parquet")
+    items = pl.read_parquet(path).sort("idx")
     counts = items["train_count"].to_list()
     # category codes (intra-list diversity) and titles (W&B sample table); both optional in a catalog
     cats = items["category"].cast(pl.Utf8).cast(pl.Categorical).to_physical().fill_null(-1).to_list() if "category" in items.columns else None
     titles = items["title"].cast(pl.Utf8).to_list() if "title" in items.columns else None
+    cold = items["cold"].to_list() if "cold" in items.columns and items["cold"].any() else None
     meta = {k: manifest[k] for k in _META if k in manifest}
     return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts, data_meta=meta,
-                     item_category=cats, item_titles=titles)
+                     item_category=cats, item_titles=titles, channels=manifest.get("channels") or [],
+                     item_text=prepare(cfg, manifest, log=log), cold=cold)
 
 
 class RecModule(L.LightningModule):
     def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None, data_meta: Optional[dict] = None,
-                 item_category: Optional[list[int]] = None, item_titles: Optional[list] = None, channels: Optional[list] = None):
+                 item_category: Optional[list[int]] = None, item_titles: Optional[list] = None, channels: Optional[list] = None,
+                 item_text=None, cold: Optional[list[bool]] = None):
         super().__init__()
         # only the (secret-free) recipe, vocabulary size and the dataset's event/channel vocabularies go into checkpoints
         hp = {"recipe": recipe, "num_items": num_items}
@@ -75,10 +80,15 @@ class RecModule(L.LightningModule):
         self.data_meta = {"num_items": num_items, **(data_meta or {})}
         if channels is not None and "channels" not in self.data_meta:
             self.data_meta["channels"] = list(channels)
-        # catalog extras for evaluators (category codes: diversity; titles: the W&B sample table)
-        self.task = make_task(self.cfg, self.data_meta, item_counts, {"category": item_category, "titles": item_titles})
+        # catalog extras for evaluators (category codes: diversity; titles: the W&B sample table; cold items)
+        self.task = make_task(self.cfg, self.data_meta, item_counts, {"category": item_category, "titles": item_titles, "cold": cold})
         counts = torch.tensor(item_counts if item_counts is not None else [0] * num_items, dtype=torch.float32)
         self.register_buffer("popularity", counts, persistent=False)
+        self.item_text = item_text  # model/item_text.ItemText or None (text table: a buffer of net.tower)
+        # cold items (data.build.cold_items): column j is item j+1
+        cold_t = torch.tensor(cold, dtype=torch.bool) if cold is not None else torch.zeros(num_items, dtype=torch.bool)
+        self.register_buffer("cold", cold_t, persistent=False)
+        self.has_cold = cold is not None
         self.net: Optional[ItemLM] = None
         self.heads = nn.ModuleDict()  # per-task heads, built with the model (configure_model)
         self.primary_excludes_seen = self.cfg.eval.exclude_seen
@@ -91,20 +101,32 @@ class RecModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is not None:
             return
-        lm, vocab, tok = build_causal_lm(self.cfg.model, self.num_items)
+        mc = self.cfg.model
+        texts = self.item_text.texts if self.item_text is not None else None
+        lm, vocab, tok = build_causal_lm(mc, self.num_items, texts, self.cfg.data.item_text.max_length)
         if self.cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from .peft_compat import cpu_safe_peft
 
         with cpu_safe_peft():  # peft's ZeRO-3 path for item-token rows assumes CUDA
             lm = apply_finetune_method(lm, self.cfg, vocab)
+        tower = None
+        if mc.items != "id":
+            from ..model.items import ItemTower
+
+            if self.item_text is None or self.item_text.table is None:
+                raise ValueError(f"model.items={mc.items}: no item text table (module_for_dataset prepares it)")
+            # items with no training occurrence are scored by text alone in hybrid mode
+            id_free = torch.cat([torch.zeros(1, dtype=torch.bool), self.popularity.cpu() == 0])
+            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free)
         side = None
-        flags = self.cfg.model.inputs.model_dump()
+        flags = mc.inputs.model_dump()
         if any(flags.values()):
             from ..model.side_inputs import SideInputs
 
             side = SideInputs(lm.config.hidden_size, len(self.data_meta.get("event_types") or []), len(self.data_meta.get("channels") or []), flags)
-        self.net = ItemLM(lm, vocab, self.cfg.model.dropout, tok, hidden_dropout=self.cfg.model.hidden_dropout, side=side)
+        self.net = ItemLM(lm, vocab, mc.dropout, tok, hidden_dropout=mc.hidden_dropout, mode=mc.items, tower=tower,
+                          id_dropout=mc.item_text.id_dropout, side=side)
         for t in subtasks(self.task):
             head = t.make_head(self.net)
             if head is not None:
@@ -118,7 +140,6 @@ class RecModule(L.LightningModule):
         tasks = subtasks(self.task)
         losses = {t.name: t.loss(self.net, self._head(t), sub_batch(self.task, t, batch)) for t in tasks}
         loss = losses[tasks[0].name] if len(tasks) == 1 else sum(t.weight * losses[t.name] for t in tasks)
-        loss = _test_hooks.maybe_nan(loss, self.trainer)
         if not self._loss_finite_everywhere(loss):
             return self._nonfinite(loss)
         bs = self.task.batch_size(batch)
@@ -171,9 +192,6 @@ class RecModule(L.LightningModule):
                 return  # DeepSpeed owns the gradients (see _nonfinite)
             for p in self.parameters():
                 p.grad = None  # the whole accumulated step is dropped
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        _test_hooks.maybe_crash(self.trainer)
 
     def _eval_step(self, batch: dict, stage: str) -> None:
         for t in subtasks(self.task):

@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ..config import Recipe, dump_recipe, redact
 
@@ -97,6 +97,18 @@ def ensure_dataset(cfg: Recipe, log=print) -> dict:
     return B.build(imp, root, bc, source={"source": bc.source, "input": src}, log=log)
 
 
+def wandb_mode(mode: str, env=os.environ) -> str:
+    """``logging.wandb.mode``: auto = the user's WANDB_MODE when set (offline/disabled must win over a
+    key that happens to be in the environment), else online with WANDB_API_KEY, else offline."""
+    if mode != "auto":
+        return mode
+    if env.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return env["WANDB_MODE"]
+    if env.get("WANDB_MODE") == "dryrun":
+        return "offline"
+    return "online" if env.get("WANDB_API_KEY") else "offline"
+
+
 def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
     from lightning.pytorch.loggers import CSVLogger
 
@@ -105,7 +117,7 @@ def make_loggers(cfg: Recipe, run_dir: Path, recipe_tree: dict):
     if wc.enabled and wc.mode != "disabled":
         from lightning.pytorch.loggers import WandbLogger
 
-        mode = wc.mode if wc.mode != "auto" else ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+        mode = wandb_mode(wc.mode)
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
         loggers.append(
             WandbLogger(
@@ -147,8 +159,11 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
         cbs.append(AdaLoraAllocator())  # rank budget schedule, once per optimizer step
     if tc.early_stopping.enabled:
         es = tc.early_stopping
-        # default: the metric (and direction) the task proposes
-        cbs.append(EarlyStopping(monitor=es.monitor or monitor[0], patience=es.patience, mode=es.mode or monitor[1]))
+        # default: the metric (and direction) the task proposes; checked after each validation only:
+        # Lightning's default also checks at the end of a training epoch, which fails (metric missing)
+        # when trainer.max_steps ends a run before any validation
+        cbs.append(EarlyStopping(monitor=es.monitor or monitor[0], patience=es.patience, mode=es.mode or monitor[1],
+                                 check_on_train_epoch_end=False))
     if has_logger:
         cbs.append(LearningRateMonitor(logging_interval="step"))
     if tc.progress_bar:
@@ -171,6 +186,10 @@ def resume_path(resume: Optional[str], run_dir: Path) -> Optional[str]:
     path = Path(resume)
     if not path.exists():
         raise FileNotFoundError(f"trainer.resume: checkpoint not found: {path}")
+    if path.is_file():
+        from .checkpointing import safe_load
+
+        safe_load(path)  # a path from elsewhere: a crafted or foreign file fails here, in one line
     return str(path.resolve())
 
 
@@ -198,7 +217,24 @@ def eval_checkpoint(trainer, run_dir: Path, which: str) -> Optional[str]:
     return str(path)
 
 
-def train(cfg: Recipe, log=print) -> Path:
+def cold_report(cfg: Recipe, manifest: dict, num_items: int, log=print) -> dict:
+    """Cold-item facts for metrics.json; id mode says plainly that it cannot rank cold items."""
+    n_cold = int((manifest.get("cold_items") or {}).get("count", 0))
+    if not n_cold:
+        return {}
+    finite = num_items - 1  # the target competes with every other item (seen ones excluded or not: an upper bound)
+    out = {"eval/cold_items": n_cold, "eval/model_items": cfg.model.items, "eval/cold_items_rankable": cfg.model.items != "id"}
+    for k in cfg.eval.ks:
+        out[f"test_cold/random_hr@{k}"] = round(k / finite, 6)
+    if cfg.model.items == "id":
+        log(f"model.items=id cannot rank the {n_cold} cold items (their item tokens never trained): test_cold/* is at or "
+            "below the random-rank expectation test_cold/random_hr@K; use model.items=text or hybrid")
+    return out
+
+
+def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
+    """Fit, validate and test ``cfg``; returns RUN_DIR. ``callbacks``: extra Lightning callbacks
+    appended after the run's own (the test suite injects faults this way)."""
     import lightning as L
 
     from .datamodule import ShardDataModule
@@ -211,6 +247,7 @@ def train(cfg: Recipe, log=print) -> Path:
     t0 = time.time()
     run_dir = resolve_run_dir(cfg)
     is_zero = global_rank() == 0
+    ckpt = resume_path(cfg.trainer.resume, run_dir)  # a bad trainer.resume fails before anything is written
     manifest = ensure_dataset(cfg, log=log if is_zero else (lambda *_: None))
     recipe_tree = cfg.model_dump(mode="json")
     if is_zero:
@@ -219,7 +256,7 @@ def train(cfg: Recipe, log=print) -> Path:
 
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     num_items = int(manifest["num_items"])
-    module = module_for_dataset(cfg, manifest)
+    module = module_for_dataset(cfg, manifest, log=log if is_zero else (lambda *_: None))
     dm = ShardDataModule(cfg, module.task, manifest)  # the task(s) checked the dataset when the module was made
 
     tc = cfg.trainer
@@ -232,18 +269,22 @@ def train(cfg: Recipe, log=print) -> Path:
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
         limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
-        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal],
+        logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal, *callbacks],
         plugins=preemption.cluster_plugins(),
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
         num_sanity_val_steps=0, deterministic=False,
     )
-    ckpt = resume_path(tc.resume, run_dir)
     if ckpt and is_zero:
         log(f"resuming from {ckpt}")
     # the datamodule restores the in-epoch position itself (see datamodule.py)
     warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+    from .checkpointing import is_deepspeed_checkpoint, weights_only_loads
+
     try:
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        # DeepSpeed's engine reads its checkpoint folder with torch.load(weights_only=False): route
+        # those reads through the weights-only loader too (Lightning's own file loads pass weights_only)
+        with weights_only_loads(enabled=bool(ckpt) and is_deepspeed_checkpoint(Path(ckpt))):
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt, weights_only=True)
     except preemption.Preempted as stop:
         # the checkpoint is written; evaluating now would overrun the time limit
         if is_zero:
@@ -254,9 +295,9 @@ def train(cfg: Recipe, log=print) -> Path:
     which = "best" if (tc.test_ckpt == "best" and best) else "last"
     eval_ckpt = eval_checkpoint(trainer, run_dir, which)
     metrics: dict = {}
-    for res in trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False):
+    for res in trainer.validate(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False, weights_only=True):
         metrics.update(res)
-    for res in trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False):
+    for res in trainer.test(module, datamodule=dm, ckpt_path=eval_ckpt, verbose=False, weights_only=True):
         metrics.update(res)
     if eval_ckpt and Path(eval_ckpt).name.startswith(".eval-") and trainer.is_global_zero:
         Path(eval_ckpt).unlink(missing_ok=True)  # the consolidated ZeRO-3 copy was only for this
@@ -274,13 +315,14 @@ def train(cfg: Recipe, log=print) -> Path:
             "train/wall_seconds": round(time.time() - t0, 1),
         }
     )
+    metrics.update(cold_report(cfg, manifest, num_items, log if trainer.is_global_zero else (lambda *_: None)))
     if trainer.is_global_zero:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         for lg in loggers:
             if type(lg).__name__ == "WandbLogger":
                 lg.experiment.summary.update({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
                 lg.experiment.finish()  # flush now, so the RUN_DIR line below is the last one printed
-        keys = [k for k in ("test/hr@10", "test/ndcg@10", "baseline/popularity/test/ndcg@10") if k in metrics]
+        keys = [k for k in ("test/hr@10", "test/ndcg@10", "test_cold/hr@10", "test_warm/hr@10", "baseline/popularity/test/ndcg@10") if k in metrics]
         if not keys:  # another primary task: its monitored metric on test, and every baseline of it
             name = module.monitor()[0].removeprefix("val/")
             keys = [k for k in metrics if k == f"test/{name}" or (k.startswith("baseline/") and k.endswith(f"/test/{name}"))]

