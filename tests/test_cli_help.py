@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from ecomtrain import cli
 
-EXPECTED = {"data synth", "data build", "data inspect", "train", "eval", "export"}
+EXPECTED = {"data synth", "data build", "data inspect", "train", "eval", "export", "recommend", "model fetch"}
 
 
 def _verbs(p: argparse.ArgumentParser, prefix: tuple = ()) -> list[tuple[str, ...]]:
