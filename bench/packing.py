@@ -103,7 +103,7 @@ def main() -> int:
     out = {
         "benchmark": "packing",
         "command": "python bench/packing.py " + " ".join(
-            ([f"--data {a.data}"] if a.data else []) + [f"--epochs {a.epochs}", f"--seeds {a.seeds}"] + a.overrides
+            ([f"--data {a.data}"] if a.data else [f"--users {a.users}", f"--items {a.items}"]) + [f"--epochs {a.epochs}", f"--seeds {a.seeds}"] + a.overrides
         ),
         "recipe": a.recipe,
         "data": data_info,
