@@ -414,6 +414,9 @@ class TrainerConfig(_Section):
     log_every_n_steps: int = Field(10, gt=0)
     limit_train_batches: Optional[Union[int, float]] = None
     limit_val_batches: Optional[Union[int, float]] = None
+    limit_test_batches: Optional[Union[int, float]] = Field(
+        None, description="Smoke runs only: test on this many batches (int) or this fraction; metrics.json then covers part of the test split."
+    )
     progress_bar: bool = True
     peak_tflops: Optional[float] = Field(
         None, gt=0, description="Dense bf16 peak TFLOP/s of one device for the MFU figure (default: known from the CUDA device name; CPU: no MFU)."

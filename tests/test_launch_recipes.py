@@ -90,7 +90,7 @@ def test_documented_launch_line_runs(path: Path, work: Path):
         steps, extra = 4, ["finetune.adalora.tinit=1", "finetune.adalora.tfinal=1"]
     # shorter, not different: the strategy, precision, model and data pipeline stay the recipe's; only the
     # number of steps, validation batches and the batch sizes shrink (a 2-core CI box, ~1 min per recipe)
-    overrides = [*extra, f"trainer.max_steps={steps}", "trainer.limit_val_batches=1", "trainer.progress_bar=false",
+    overrides = [*extra, f"trainer.max_steps={steps}", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.progress_bar=false",
                  "data.batch_size=16", "data.eval_batch_size=128",
                  f"run.dir={work / 'runs' / path.stem}-{path.parent.name}"]
     build = cfg.data.build.model_dump(mode="json") if cfg.data.build else {}

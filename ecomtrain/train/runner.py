@@ -268,7 +268,7 @@ def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
         precision=tc.precision, max_epochs=tc.max_epochs, max_steps=tc.max_steps,
         accumulate_grad_batches=tc.accumulate_grad_batches, gradient_clip_val=tc.gradient_clip_val,
         check_val_every_n_epoch=tc.check_val_every_n_epoch, log_every_n_steps=tc.log_every_n_steps,
-        limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches,
+        limit_train_batches=tc.limit_train_batches, limit_val_batches=tc.limit_val_batches, limit_test_batches=tc.limit_test_batches,
         logger=loggers, callbacks=[*make_callbacks(cfg, run_dir, bool(loggers)), stop_on_signal, *callbacks],
         plugins=preemption.cluster_plugins(),
         enable_progress_bar=tc.progress_bar, enable_model_summary=is_zero, default_root_dir=str(run_dir),
