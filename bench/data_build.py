@@ -20,6 +20,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=100_000_000)
     ap.add_argument("--users", type=int, default=None, help="default: events / 50")
     ap.add_argument("--items", type=int, default=None, help="default: events / 100")
-    ap.add_argument("--work", default="/tmp/ecomtrain-bench-data")
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "ecomtrain-bench-data"))
     ap.add_argument("--partition-events", type=int, default=4_000_000)
     ap.add_argument("--keep", action="store_true")
     a = ap.parse_args()
