@@ -74,7 +74,8 @@ class ThroughputMonitor(Callback):
         first = next(iter(batch.values())) if isinstance(batch, dict) and batch else None
         return (int(first.shape[0]) if hasattr(first, "shape") and first.ndim else 0), 0, 0
 
-    def _flops_per_token(self, pl_module) -> Optional[float]:
+    def _flops_per_token(self, pl_module) -> Optional[tuple[float, float]]:
+        """(dense FLOPs per token, attention FLOPs per token per context position)."""
         if self._n_params is None:
             self._n_params = sum(p.numel() for p in pl_module.parameters())
             core = getattr(getattr(pl_module, "net", None), "lm", None)
@@ -84,7 +85,7 @@ class ThroughputMonitor(Callback):
         if not self._n_params:
             return None
         layers, hidden = self._shape or (0, 0)
-        return 6.0 * self._n_params, 12.0 * layers * hidden  # + attention term x seq (per token)
+        return 6.0 * self._n_params, 12.0 * layers * hidden
 
     # -- hooks
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -105,11 +106,11 @@ class ThroughputMonitor(Callback):
         self._last_start, self._last_wait = now, wait
         self._pending = self._batch_counts(pl_module, batch)
         if self._win["batches"] >= self.every:
-            pl_module.log_dict(self._rates(self._win, pl_module, batch), on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
+            pl_module.log_dict(self._rates(self._win, pl_module), on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
             self._win = dict.fromkeys(self._win, 0)
             self._win["time"] = self._win["wait"] = 0.0
 
-    def _rates(self, acc: dict, pl_module, batch=None) -> dict[str, float]:
+    def _rates(self, acc: dict, pl_module) -> dict[str, float]:
         t = max(acc["time"], 1e-9)
         out = {
             "perf/samples_per_s": acc["samples"] / t,
@@ -118,12 +119,12 @@ class ThroughputMonitor(Callback):
         if acc["slots"]:
             out["perf/tokens_per_s"] = acc["tokens"] / t
             out["perf/token_efficiency"] = acc["tokens"] / acc["slots"]
-        mfu = self._mfu(acc, pl_module, batch)
+        mfu = self._mfu(acc, pl_module)
         if mfu is not None:
             out["perf/mfu"] = mfu
         return out
 
-    def _mfu(self, acc: dict, pl_module, batch) -> Optional[float]:
+    def _mfu(self, acc: dict, pl_module) -> Optional[float]:
         dev = getattr(pl_module, "device", None)
         if dev is None or dev.type != "cuda" or not acc["tokens"]:
             return None
