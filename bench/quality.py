@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import resource
 import sys
 import tempfile
 import time
@@ -96,6 +97,8 @@ def main() -> int:
         "seed": cfg.run.seed,
         "epochs_trained": m.get("train/epochs"),
         "wall_seconds": round(time.time() - t0, 1),
+        "cpu_seconds": round(sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                                 for f in ("ru_utime", "ru_stime")), 1),
         "run_dir": str(run_dir),
     }
     print(json.dumps(out, indent=2))

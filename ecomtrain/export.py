@@ -174,6 +174,13 @@ def load_exported(folder: str | Path):
 
     folder = Path(folder)
     lm = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    meta_file = folder / "ecomtrain_export.json"
+    info = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if info.get("adapter") and not info.get("merged"):
+        # a non-merged adapter export: DIR's weights are the base model, the trained model is base + adapter
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(folder / info["adapter"])).eval()
     iv = json.loads((folder / "item_vocab.json").read_text())
     mode, tower = "id", None
     if (folder / "item_tower.json").is_file():

@@ -375,7 +375,31 @@ def test_text_and_hybrid_train_under_lora(tmp_path, cold_dataset):
     """peft without item tokens (text) and with them (hybrid); the text adapter trains outside peft."""
     from ecomtrain.train.runner import train
 
+    from ecomtrain.export import export, load_exported
+
     for mode in ("text", "hybrid"):
         cfg = _cfg(cold_dataset, tmp_path / mode, model__items=mode, finetune__method="lora")
-        m = json.loads((train(cfg, log=lambda *_: None) / "metrics.json").read_text())
+        run_dir = train(cfg, log=lambda *_: None)
+        m = json.loads((run_dir / "metrics.json").read_text())
         assert 0 <= m["test_cold/hr@10"] <= 1 and m["train/global_step"] > 0
+        # a non-merged adapter export reloads as base + adapter, with its item table: the trained scores
+        for merge in (False, True):
+            out = export(run_dir, tmp_path / f"{mode}-export-{merge}", ckpt="last", merge=merge)
+            assert (out / "adapter").is_dir()
+            a, b = _checkpoint_and_export_scores(cfg, run_dir, "last", load_exported(out))
+            assert torch.allclose(a, b, atol=1e-5), (mode, merge, (a - b).abs().max())
+
+
+def _checkpoint_and_export_scores(cfg, run_dir, ckpt, reloaded):
+    """Item scores of two histories from the run's checkpoint (the training code's model) and from ``reloaded``."""
+    from ecomtrain.data.build import load_manifest
+    from ecomtrain.train.checkpointing import load_lightning_state, resolve_checkpoint
+    from ecomtrain.train.module import module_for_dataset
+
+    module = module_for_dataset(cfg, load_manifest(cfg.data.path), log=lambda *_: None)
+    module.configure_model()
+    module.load_state_dict(load_lightning_state(resolve_checkpoint(run_dir, ckpt))["state_dict"], strict=False)
+    module.eval()
+    items, pos = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]]), torch.tensor([3, 1])
+    with torch.no_grad():
+        return module.net(items, pos), reloaded(items, pos)

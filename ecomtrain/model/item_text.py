@@ -137,8 +137,16 @@ def encode(texts: list[str], encoder, batch_size: int, desc: str = "encoding ite
 
     first = encoder(texts[:1])
     table = torch.zeros(len(texts) + 1, first.shape[1], dtype=torch.float32)
-    for lo in tqdm(range(0, len(texts), batch_size), desc=desc, unit="chunk", mininterval=5, disable=len(texts) <= batch_size):
-        table[1 + lo: 1 + lo + batch_size] = torch.from_numpy(np.ascontiguousarray(encoder(texts[lo: lo + batch_size])))
+    # chunks of similar length (shortest first): a chunk pads to its own longest text, not the catalog's.
+    # Texts are sorted by character count in windows of 64 chunks, so the order costs O(window) memory only.
+    window = 64 * batch_size
+    chunks = []
+    for wlo in range(0, len(texts), window):
+        order = sorted(range(wlo, min(wlo + window, len(texts))), key=lambda i: len(texts[i]))
+        chunks += [order[lo: lo + batch_size] for lo in range(0, len(order), batch_size)]
+    for idx in tqdm(chunks, desc=desc, unit="chunk", mininterval=5, disable=len(texts) <= batch_size):
+        vecs = torch.from_numpy(np.ascontiguousarray(encoder([texts[i] for i in idx])))
+        table[torch.as_tensor(idx) + 1] = vecs
     return table
 
 
