@@ -240,8 +240,9 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         del users, ids
     P = max(1, math.ceil(n_raw / o["partition_events"]))
     staged = work / "events"
+    # lz4 and no statistics: work files read once; ~25 % less CPU than the default zstd for ~35 % more bytes
     ev.with_columns(_p=(pl.col("user").hash(seed=1234) % P).cast(pl.UInt32)).sink_parquet(
-        pl.PartitionBy(staged, key="_p", include_key=False), mkdir=True
+        pl.PartitionBy(staged, key="_p", include_key=False), mkdir=True, compression="lz4", statistics=False
     )
     log(f"staged {n_raw:,} events into {P} user partition(s)")
     phase("stage")
@@ -271,7 +272,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         s = positions(e, ev_rank(), o["collapse_repeats"], o["session_gap"], min_len)
         if len(s.users) == 0:
             return
-        item_count = add(item_count, s.item, codes.cats["item"].to_series().len())
+        item_count = add(item_count, s.item, 0)
         ev_count = add(ev_count, s.ev + 1, 1)
         ch_count = add(ch_count, s.ch + 1, 1)
         lengths.append(s.lengths)

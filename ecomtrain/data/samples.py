@@ -144,8 +144,10 @@ class Block:
         return len(self.lens)
 
     def slice(self, a: int, b: int) -> "Block":
-        cum = np.concatenate([[0], np.cumsum(self.lens)])
-        ucum = np.concatenate([[0], np.cumsum(self.user_len)])
+        if not hasattr(self, "_cum"):
+            self._cum = np.concatenate([[0], np.cumsum(self.lens)])
+            self._ucum = np.concatenate([[0], np.cumsum(self.user_len)])
+        cum, ucum = self._cum, self._ucum
         return Block(self.lens[a:b], self.user[ucum[a]:ucum[b]], self.user_len[a:b],
                      {k: v[cum[a]:cum[b]] for k, v in self.lists.items()}, {k: v[a:b] for k, v in self.targets.items()})
 

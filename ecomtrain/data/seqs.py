@@ -38,24 +38,72 @@ FUNNEL = {"view": 0, "click": 1, "fav": 2, "cart": 3, "purchase": 4}
 RATING_EVENTS = ("rating", "review")
 
 
-class Codes:
-    """Build-wide integer codes for items, event types and channels (null -> -1).
+def _new_strings(s: pl.Series, codes: np.ndarray, base: int) -> Optional[pl.Series]:
+    """The strings of codes ``base, base + 1, ...`` (those a cast just added), in code order.
 
-    Backed by polars ``Categories`` (a string -> u32 map that grows as partitions are
-    read). Polars frees a ``Categories`` once no column uses it, so an empty column of
-    each is kept here for the lifetime of the build.
+    A cast gives each new string the next code at its first appearance, so the rows where
+    the running maximum code grows are those strings' first rows. None if that does not hold
+    (the caller then asks polars for the distinct values instead)."""
+    new = codes >= base
+    if not new.any():
+        return s.clear()
+    rows = np.flatnonzero(new)
+    c = codes[rows]
+    first = rows[np.flatnonzero(c > np.maximum.accumulate(np.concatenate([[base - 1], c[:-1]])))]
+    if not np.array_equal(codes[first], np.arange(base, base + len(first))) or int(codes.max()) != base + len(first) - 1:
+        return None
+    return s.gather(first)
+
+
+class Codes:
+    """Build-wide integer codes for items, event types and channels (null -> -1), and their strings.
+
+    Backed by polars ``Categories`` (a string -> u32 map that grows as partitions are read;
+    a code means the same string in every partition). Polars frees a ``Categories`` once
+    no column uses it: the empty columns kept here hold them for the lifetime of the build.
     """
 
     def __init__(self) -> None:
         self.cats = {c: pl.Categories.random() for c in ("item", "event", "channel")}
         self._alive = [pl.Series([], dtype=pl.Utf8).cast(pl.Categorical(c)) for c in self.cats.values()]
+        self._items: list[pl.Series] = []  # item code -> id, in pieces (Categories.to_series loops in Python)
+        self._n_items = 0
 
     def encode(self, s: pl.Series, col: str) -> np.ndarray:
-        return s.cast(pl.Categorical(self.cats[col])).to_physical().cast(pl.Int32).fill_null(-1).to_numpy()
+        codes, names = encode(s, self.cats[col], self._n_items if col == "item" else None)
+        if col == "item":
+            self._items.append(names)
+            self._n_items += names.len()
+        return codes
 
     def strings(self, col: str) -> pl.Series:
         """code -> string (index = code)."""
-        return self.cats[col].to_series()
+        if col == "item":
+            return pl.concat(self._items) if self._items else pl.Series([], dtype=pl.Utf8)
+        return self.cats[col].to_series()  # a handful of event types / channels
+
+
+def encode(s: pl.Series, cats: "pl.Categories", known: Optional[int] = 0) -> tuple[np.ndarray, Optional[pl.Series]]:
+    """(codes of ``s`` in ``cats``, null -> -1; with ``known`` = the number of codes ``cats`` had
+    before: the strings of the codes this call added, in code order).
+
+    A cast gives each new string the next code at its first appearance, so the rows where
+    the running maximum code grows are those strings' first rows; where that does not hold
+    (never seen so far), the distinct values are asked of polars instead."""
+    cat = s.cast(pl.Categorical(cats))
+    codes = cat.to_physical().cast(pl.Int32).fill_null(-1).to_numpy()
+    if known is None:
+        return codes, None
+    rows = np.flatnonzero(codes >= known)
+    c = codes[rows]
+    first = rows[np.flatnonzero(c > np.maximum.accumulate(np.concatenate([[known - 1], c[:-1]])))] if len(rows) else rows
+    if np.array_equal(codes[first], np.arange(known, known + len(first))) and (not len(c) or int(c.max()) == known + len(first) - 1):
+        return codes, s.gather(first).cast(pl.Utf8)
+    df = pl.DataFrame({"s": cat.unique().drop_nulls()}).with_columns(code=pl.col("s").to_physical()).filter(pl.col("code") >= known)
+    df = df.sort("code")
+    if not np.array_equal(df["code"].to_numpy(), np.arange(known, known + df.height)):
+        raise RuntimeError("polars Categories codes are not dense")
+    return codes, df["s"].cast(pl.Utf8)
 
 
 @dataclass
@@ -94,40 +142,44 @@ def read_partition(files: str | Path | list, codes: Codes) -> tuple[Events, int]
     """Staged partition -> (deduplicated sorted events, number of events before dedupe)."""
     df = pl.read_parquet(files)
     n_in = df.height
-    ucat = pl.Categories.random()
-    ucol = df["user"].cast(pl.Categorical(ucat))
-    names = ucat.to_series()  # code -> id string
+    # users: codes of a fresh Categories (dense), then the rank of each id string (id order)
+    ucode, names = encode(df["user"], pl.Categories.random(), 0)
     order = names.arg_sort().to_numpy()
     rank = np.empty(len(order), dtype=np.int32)
     rank[order] = np.arange(len(order), dtype=np.int32)
-    u = rank[ucol.to_physical().to_numpy()]
+    u = rank[ucode]
     users = names.gather(order)
-    del ucol
+    del ucode
     item = codes.encode(df["item"], "item")
     ev = codes.encode(df["event"], "event")
     ch = codes.encode(df["channel"], "channel")
     ts = df["ts"].to_numpy()
-    row = df["_row"].to_numpy().astype(np.int64)
+    row = df["_row"].to_numpy()
     value = df["value"].cast(pl.Float64).to_numpy()  # null -> NaN
-    rating = df.select(pl.when(pl.col("event").is_in(RATING_EVENTS)).then(pl.col("value")).cast(pl.Float64)).to_series().to_numpy()
-    del df
+    is_rating = (df["event"].is_in(RATING_EVENTS) & df["value"].is_not_null()).fill_null(False)
+    rating = df["value"].cast(pl.Float64).to_numpy() if is_rating.any() else None
+    if rating is not None:
+        rating = np.where(is_rating.to_numpy(), rating, np.nan)
+    del df, is_rating
 
     # (user, ts, row) order. The staged file is normally in row order already, and then one
-    # stable argsort of a packed (user, ts) key is ~2x faster than a 3-key lexsort.
+    # stable argsort of a packed (user, ts) key is ~2x faster than a 3-key lexsort, and the
+    # sorted key gives back user and ts without two more gathers.
     ordered_rows = n_in < 2 or bool(np.all(row[1:] > row[:-1]))
-    span = int(ts.max()) - int(ts.min()) if n_in else 0
-    bits_t, bits_u = span.bit_length(), int(len(order)).bit_length()
+    tmin = int(ts.min()) if n_in else 0
+    bits_t, bits_u = (int(ts.max()) - tmin).bit_length() if n_in else 0, int(len(rank)).bit_length()
     if n_in and ordered_rows and bits_t + bits_u <= 62:
-        key = (u.astype(np.int64) << bits_t) | (ts - ts.min())
-        idx = np.argsort(key, kind="stable")
+        key = (u.astype(np.int64) << bits_t) | (ts - tmin)
+        # polars' stable sort: ~1.5x less CPU than np.argsort(kind="stable") on 4 M keys
+        idx = pl.DataFrame({"k": key}).select(pl.int_range(pl.len(), dtype=pl.Int64).sort_by("k", maintain_order=True)).to_series().to_numpy()
+        key = key[idx]
+        u, ts = (key >> bits_t).astype(np.int32), (key & ((1 << bits_t) - 1)) + tmin
         del key
     else:
         idx = np.lexsort((row, ts, u))
-    u, item, ts, ev, ch, row, value, rating = (a[idx] for a in (u, item, ts, ev, ch, row, value, rating))
-    del idx
+        u, ts = u[idx], ts[idx]
 
     # exact duplicates share (user, ts): compare only rows with such a neighbour
-    keep = np.ones(n_in, dtype=bool)
     if n_in > 1:
         same = (u[1:] == u[:-1]) & (ts[1:] == ts[:-1])
         cand = np.zeros(n_in, dtype=bool)
@@ -135,11 +187,15 @@ def read_partition(files: str | Path | list, codes: Codes) -> tuple[Events, int]
         cand[:-1] |= same
         ci = np.flatnonzero(cand)
         if len(ci):
-            sub = pl.DataFrame({"u": u[ci], "i": item[ci], "t": ts[ci], "e": ev[ci], "c": ch[ci], "v": value[ci].view(np.int64)})
+            src = idx[ci]
+            sub = pl.DataFrame({"u": u[ci], "i": item[src], "t": ts[ci], "e": ev[src], "c": ch[src], "v": value[src].view(np.int64)})
             first = sub.select(pl.struct(pl.all()).is_first_distinct()).to_series().to_numpy()
-            keep[ci[~first]] = False
-    ev_ = Events(users, u, item, ts, ev, ch, rating, row)
-    return (ev_ if keep.all() else ev_.take(keep)), n_in
+            if not first.all():
+                keep = np.ones(n_in, dtype=bool)
+                keep[ci[~first]] = False
+                idx, u, ts = idx[keep], u[keep], ts[keep]
+    rating = np.full(len(idx), np.nan) if rating is None else rating[idx]
+    return Events(users, u, item[idx], ts, ev[idx], ch[idx], rating, row[idx].astype(np.int64)), n_in
 
 
 @dataclass
@@ -208,9 +264,12 @@ def positions(e: Events, ev_rank: np.ndarray, collapse_repeats: bool, session_ga
         key = ((ev_rank[ev + 1].astype(np.int64) + 2) << 40) | e.row
         ev = ev[key == np.maximum.reduceat(key, starts)[run]]
         # the last rating of the run (a purchase followed by its rating: one rated position)
-        rated_at = np.where(np.isnan(rating), -1, np.arange(e.n))
-        last = np.maximum.reduceat(rated_at, starts)
-        rating = np.where(last >= 0, rating[np.maximum(last, 0)], np.nan)
+        rated = ~np.isnan(rating)
+        if rated.any():
+            last = np.maximum.reduceat(np.where(rated, np.arange(e.n), -1), starts)
+            rating = np.where(last >= 0, rating[np.maximum(last, 0)], np.nan)
+        else:
+            rating = np.full(len(starts), np.nan)
         u, item, ts, ch = u[starts], item[starts], ts[starts], ch[starts]
     n_users = len(e.users)
     lens = np.bincount(u, minlength=n_users)

@@ -181,19 +181,20 @@ def balance_shards(shards: list[dict], readers: int) -> list[list[dict]]:
 
 
 # ------------------------------------------------------------------ writing
-def narrow(a: np.ndarray) -> np.ndarray:
+def narrow_dtype(a: np.ndarray) -> np.dtype:
     """The smallest dtype that holds ``a`` exactly (ints: by range; floats: float32 when lossless)."""
     if a.dtype.kind == "f":
-        f32 = a.astype(np.float32)
-        return f32 if np.array_equal(f32.astype(a.dtype), a, equal_nan=True) else a
+        return np.dtype(np.float32) if np.array_equal(a.astype(np.float32).astype(a.dtype), a, equal_nan=True) else a.dtype
+    if a.dtype.kind not in "iu" or a.dtype.itemsize == 1:
+        return a.dtype
     if len(a) == 0:
-        return a.astype(np.int8)
+        return np.dtype(np.int8)
     lo, hi = int(a.min()), int(a.max())
-    for dt in _INTS:
-        info = np.iinfo(dt)
-        if info.min <= lo and hi <= info.max:
-            return a.astype(dt, copy=False)
-    return a
+    return next(np.dtype(dt) for dt in _INTS + (a.dtype,) if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max)
+
+
+def narrow(a: np.ndarray, dtype: Optional[np.dtype] = None) -> np.ndarray:
+    return a.astype(dtype or narrow_dtype(a), copy=False)
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -263,25 +264,28 @@ class NpySink(_ShardFiles):
 
     def write(self, block) -> None:
         """Append a :class:`~ecomtrain.data.samples.Block` (split across shards as the limits require)."""
-        while len(block):
+        # one dtype per field for the whole block: bytes per sample are then known before writing
+        dts = {k: narrow_dtype(v) for k, v in (*block.lists.items(), *block.targets.items())}
+        per_step = sum(dts[k].itemsize for k in block.lists)
+        per_sample = sum(dts[k].itemsize for k in block.targets) + 8
+        a = 0
+        while a < len(block):
             if self.tar is None or self.count >= self.max_samples:
                 self.close()
                 self.open()
-            m = min(len(block), self.max_samples - self.count, BLOCK_SAMPLES)
-            part = block.slice(0, m)
-            # bytes: values in their narrowed dtypes, ~1 KB of tar header + padding per member, 11 KB of tar end
-            per = part.lens * sum(narrow(v).itemsize for v in part.lists.values()) + part.user_len \
-                + sum(narrow(v).itemsize for v in part.targets.values()) + 8
-            room = self.max_bytes - self.bytes() - 1024 * (4 + len(part.lists) + len(part.targets)) - 11264
+            m = min(len(block) - a, self.max_samples - self.count, BLOCK_SAMPLES)
+            # bytes: values in their dtypes, ~1 KB of tar header + padding per member, 11 KB of tar end
+            per = block.lens[a:a + m] * per_step + block.user_len[a:a + m] + per_sample
+            room = self.max_bytes - self.bytes() - 1024 * (4 + len(dts)) - 11264
             fit = int(np.searchsorted(np.cumsum(per), room, side="right"))
             if fit == 0 and self.count:  # full: next shard
                 self.close()
                 continue
             m = max(1, min(m, fit))
-            self._block(block.slice(0, m) if m < len(part) else part)
-            block = block.slice(m, len(block))
+            self._block(block.slice(a, a + m), dts)
+            a += m
 
-    def _block(self, b) -> None:
+    def _block(self, b, dts: dict) -> None:
         key = f"s{self.total:010d}"
         meta = {"schema_version": SCHEMA_VERSION, "num_samples": len(b), "lists": list(b.lists), "targets": list(b.targets)}
         self.add(f"{key}.meta.json", json.dumps(meta, separators=(",", ":")).encode())
@@ -289,7 +293,7 @@ class NpySink(_ShardFiles):
         self.add(f"{key}.user.npy", _npy(b.user))
         self.add(f"{key}.user_len.npy", _npy(narrow(b.user_len)))
         for k, v in (*b.lists.items(), *b.targets.items()):
-            self.add(f"{key}.{k}.npy", _npy(narrow(v)))
+            self.add(f"{key}.{k}.npy", _npy(narrow(v, dts[k])))
         self.count += len(b)
         self.total += len(b)
 
