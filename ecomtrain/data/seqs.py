@@ -237,7 +237,7 @@ class Seqs:
         pl.DataFrame({"user": self.users}).write_parquet(d / "users.parquet")
         for name in self.ARRAYS:
             a = getattr(self, name)
-            if a is not None:
+            if a is not None and not (name == "rating" and np.isnan(a).all()):  # no ratings: nothing to keep
                 np.save(d / f"{name}.npy", a, allow_pickle=False)
 
     @classmethod
@@ -246,7 +246,10 @@ class Seqs:
             p = d / f"{name}.npy"
             return np.load(p, allow_pickle=False) if p.is_file() else None
 
-        return cls(pl.read_parquet(d / "users.parquet")["user"], *(get(n) for n in cls.ARRAYS))
+        s = cls(pl.read_parquet(d / "users.parquet")["user"], *(get(n) for n in cls.ARRAYS))
+        if s.rating is None:
+            s.rating = np.full(len(s.item), np.nan)
+        return s
 
 
 def positions(e: Events, ev_rank: np.ndarray, collapse_repeats: bool, session_gap: Optional[int], min_len: int) -> Seqs:
