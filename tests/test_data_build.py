@@ -12,7 +12,7 @@ from data_helpers import by_user, cli, decode, read_split
 from ecomtrain.config import BuildConfig
 from ecomtrain.data import build, importers, synth
 from ecomtrain.data.importers import DataError
-from ecomtrain.data.samples import check_leakage, make_samples, split_positions
+from ecomtrain.data.samples import check_leakage, make_records, split_points
 
 BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon-beauty" / "sequential_data.txt"  # ../shared
 
@@ -54,16 +54,27 @@ def test_temporal_split_is_global_and_leak_free(tmp_path, raw):
 
 
 def test_leakage_check_catches_planted_leak():
-    seqs = pl.DataFrame({"user": ["u"], "items": [[1, 2, 3, 4, 5]], "events": [[0] * 5], "channels": [[0] * 5], "ts": [[1, 2, 3, 4, 5]]})
-    seqs = split_positions(seqs, "leave_one_out", None, None)
-    samples = make_samples(seqs, 10)
-    check_leakage(samples, seqs)  # the real split passes
-    leaky = dict(samples, train=samples["train"].with_columns(_end=pl.lit(5, dtype=pl.Int64)))
+    import dataclasses
+
+    import numpy as np
+
+    from ecomtrain.data.seqs import Seqs
+
+    n = 5
+    s = Seqs(pl.Series(["u"]), np.array([0, n]), np.arange(1, n + 1, dtype=np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32),
+             np.arange(1, n + 1, dtype=np.int64), np.full(n, np.nan), None)
+    T, V, S = split_points(s, "leave_one_out", None, None)
+    recs = make_records(T, V, S, 10, np.arange(1))
+    check_leakage(recs, s, T)  # the real split passes
+    leaky = dict(recs, train=dataclasses.replace(recs["train"], end=np.array([5])))
     with pytest.raises(DataError, match="training input contains the (val|test) target"):
-        check_leakage(leaky, seqs)
-    bad_eval = dict(samples, test=samples["test"].with_columns(_end=pl.col("_tgt") + 1))
+        check_leakage(leaky, s, T)
+    bad_eval = dict(recs, test=dataclasses.replace(recs["test"], end=recs["test"].tgt + 1))
     with pytest.raises(DataError, match="history includes the target"):
-        check_leakage(bad_eval, seqs)
+        check_leakage(bad_eval, s, T)
+    late = dataclasses.replace(s, ts=np.array([1, 2, 9, 4, 5]))  # a training event after the val target's time
+    with pytest.raises(DataError, match="training events later than their val target"):
+        check_leakage(recs, late, T)
 
 
 def test_pseudonymised_ids_appear_nowhere(tmp_path, monkeypatch, capfd):

@@ -398,11 +398,12 @@ def test_matrix_size():
 
 
 def shard_digit_altered(d):
-    """One digit inside a sample changed: still valid JSON and tar, same size; only the sha256 tells."""
+    """One item id inside a sample changed: still a valid .npy and tar, same size; only the sha256 tells."""
     p = _first_shard(d, "val")
     data = bytearray(p.read_bytes())
-    i = data.index(b'"items":[') + len(b'"items":[')
-    data[i] = ord("1") if data[i] != ord("1") else ord("2")
+    at = data.index(b"\x93NUMPY", data.index(b".items.npy"))  # the items array of the first block
+    i = at + 10 + int.from_bytes(data[at + 8:at + 10], "little")  # first value, after the .npy header
+    data[i] ^= 1
     p.write_bytes(bytes(data))
     return [], [p.name, "sha256 differs"]
 

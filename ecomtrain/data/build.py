@@ -2,24 +2,28 @@
 
     ecomtrain data build --source synth --input data/raw --out data/quickstart
 
-Memory stays bounded by working on hash partitions of users (polars, lazy
-and streaming where it matters; raw events never become Python objects):
+Memory stays bounded by working on hash partitions of users; raw events never
+become Python objects (polars reads and stages them, numpy does the rest on
+integer codes, see :mod:`ecomtrain.data.seqs`):
 
 1. stage: events (event types chosen) are streamed once into
    ``OUT/.work/events/_p=P/`` partitioned by hash(user) % P, P sized so that a
    partition holds about ``partition_events`` (default 4 M) events;
-2. per partition: drop exact duplicates, order each user's events by
-   (ts, file row) -- ties stay in file order, never broken by item id;
+2. per partition (:func:`ecomtrain.data.seqs.read_partition`): integer codes, one
+   stable sort by (user, ts) -- ties stay in file order, never broken by item id --
+   and exact duplicates dropped;
 3. k-core (optional): drop users/items with fewer than k events, repeated
-   until stable (one streaming pass over the partitions per round);
+   until stable (bincounts over the partitions' codes per round);
 4. per partition: merge consecutive repeats (optional), sessionise by an
    inactivity gap (optional), drop users with < ``min_user_events`` positions;
+   kept as ``.npy`` work files (CSR arrays);
 5. item vocabulary (1..N, 0 = padding; numeric ids in numeric order);
-6. per partition: split (leave-one-out or global temporal), samples rendered
-   to JSON by polars, leakage check, appended to size-targeted shards
-   (webdataset TarWriter, JSON members only); catalog ``items.parquet``;
-   ``manifest.json`` with counts, sha256 per shard, summary statistics and the
-   dataset fingerprint (sha256 of the build options and the input's identity).
+6. per partition: split (leave-one-out or global temporal) into sample records,
+   leakage check, samples gathered as flat arrays and appended to size-targeted
+   shards (:mod:`ecomtrain.data.shardio`: ``.npy`` blocks, schema 2, or one JSON
+   member per sample, schema 1); catalog ``items.parquet``; ``manifest.json``
+   with counts, sha256 per shard, summary statistics and the dataset fingerprint
+   (sha256 of the build options and the input's identity).
 
 Atomicity: everything is written into a sibling folder ``OUT.tmp-<pid>-<token>``
 (its work files in ``OUT.tmp-*/.work``) and moved into OUT only after success
@@ -38,7 +42,6 @@ import math
 import os
 import secrets
 import shutil
-import tarfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -51,16 +54,12 @@ from ..config import BuildConfig
 from .importers import DataError, Imported, check_ids, translate
 from .outdir import check_out, recover, roll_forward
 from . import cold as cold_items_
-from .samples import check_leakage, make_samples, pseudonymise, split_positions
+from .samples import LIST_FIELDS, Tables, check_leakage, gather, make_records, pseudonymise, ragged_index, split_points, users_utf8
+from .seqs import FUNNEL, RATING_EVENTS, Codes, Events, Seqs, kth_smallest, positions, read_partition  # noqa: F401 (re-exported)
+from .shardio import JSON_SCHEMA_VERSION, READABLE_SCHEMAS, SCHEMA_VERSION, SINKS, rebuild_error
 
-SCHEMA_VERSION = 1
 SPLITS = ("train", "val", "test")
-# Funnel order: when positions merge, the furthest stage wins.
-FUNNEL = {"view": 0, "click": 1, "fav": 2, "cart": 3, "purchase": 4}
-# Events whose value is an explicit rating (MovieLens 'rating', Amazon 'review', synth 'rating'):
-# their value becomes the position's entry in the samples' 'ratings' list (null elsewhere)
-RATING_EVENTS = ("rating", "review")
-DEDUP_COLS = ["user", "item", "ts", "event", "channel", "value"]
+DEDUP_COLS = ["user", "item", "ts", "event", "channel", "value"]  # an exact duplicate agrees on all of these
 DEFAULT_KEY_ENV = "ECOMTRAIN_PSEUDONYM_KEY"
 
 
@@ -72,110 +71,47 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-class ShardSink:
-    """Size-targeted shards through webdataset's TarWriter; records counts."""
+def _kcore(dirs: list[Path], n_items: int, k_users: int, k_items: int, log, max_rounds: int = 50):
+    """Per partition the users kept, and the item codes kept, by iterative k-core filtering (None = no filter).
 
-    def __init__(self, out: Path, split: str, max_samples: int, max_bytes: int):
-        self.out, self.split = out, split
-        self.max_samples, self.max_bytes = max_samples, max_bytes
-        self.shards: list[dict] = []
-        self._writer = None
-        self._count = 0
-        self._bytes = 0
-        self.total = 0
-
-    def _open(self) -> None:
-        import webdataset as wds
-
-        name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._stream = open(self.out / name, "wb")
-        # fixed mtime: the same input gives byte-identical shards (and sha256);
-        # encoder=False: payloads are already JSON bytes
-        self._writer = wds.TarWriter(self._stream, encoder=False, mtime=0)
-        # webdataset 1.0 computes its ``format`` argument but never passes it to
-        # tarfile, which then writes PAX headers: ~2x the per-sample cost.
-        # Plain USTAR suffices (member names are ~16 ASCII chars).
-        self._writer.tarstream.format = tarfile.USTAR_FORMAT
-        self.shards.append({"name": name, "num_samples": 0})
-        self._count = self._bytes = 0
-
-    def _close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-            info = self.shards[-1]
-            path = self.out / info["name"]
-            info.update(num_samples=self._count, bytes=path.stat().st_size, sha256=sha256_file(path))
-
-    def write_json(self, payload: bytes) -> None:
-        if self._writer is None or self._count >= self.max_samples or self._bytes + len(payload) > self.max_bytes:
-            self._close()
-            self._open()
-        self._writer.write({"__key__": f"s{self.total:010d}", "json": payload})
-        self._count += 1
-        self._bytes += len(payload) + 1024  # tar header + padding
-        self.total += 1
-
-    def write(self, sample: dict) -> None:
-        self.write_json(json.dumps(sample, separators=(",", ":")).encode())
-
-    def finish(self) -> dict:
-        self._close()
-        return {"num_samples": self.total, "shards": self.shards}
-
-
-def _positions(ev: pl.LazyFrame, collapse_repeats: bool, session_gap: Optional[int], min_len: int) -> pl.LazyFrame:
-    """Sorted, deduplicated events of one partition -> one row per user with lists."""
-    ev = ev.with_columns(_rating=pl.when(pl.col("event").is_in(RATING_EVENTS)).then(pl.col("value")))
-    if collapse_repeats:
-        rank = pl.col("event").replace_strict(FUNNEL, default=-1, return_dtype=pl.Int8)
-        new_run = (pl.col("item") != pl.col("item").shift(1)) | (pl.col("user") != pl.col("user").shift(1))
-        ev = (
-            ev.with_columns(_run=new_run.fill_null(True).cum_sum(), _rank=rank)
-            .group_by("_run", maintain_order=True)
-            .agg(
-                pl.col("user").first(), pl.col("item").first(), pl.col("ts").first(),
-                pl.col("event").sort_by(["_rank", "_row"]).last(), pl.col("channel").first(),
-                pl.col("_rating").drop_nulls().last(),  # a purchase followed by its rating: one position, rated
-            )
-        )
-    aggs = [pl.col("item").alias("items"), pl.col("event").alias("events"), pl.col("channel").alias("channels"), pl.col("ts"),
-            pl.col("_rating").alias("ratings")]
-    if session_gap is not None:
-        gap = (pl.col("ts").diff().over("user") > session_gap).fill_null(False)
-        ev = ev.with_columns(_sess=gap.cast(pl.Int32).cum_sum().over("user"))
-        aggs.append(pl.col("_sess").alias("sessions"))
-    return ev.group_by("user", maintain_order=True).agg(aggs).filter(pl.col("items").list.len() >= min_len)
-
-
-def _kcore(parts: list[Path], k_users: int, k_items: int, log, max_rounds: int = 50):
-    """Users and items kept by iterative k-core filtering (None = no filter)."""
+    Each round: items with >= k_items events among the events of the users and items kept so
+    far, then users with >= k_users events among those with a kept item; stable when neither
+    set shrinks."""
     if k_users <= 1 and k_items <= 1:
         return None, None
     users = items = None
     for rnd in range(max_rounds):
-        lf = pl.scan_parquet(parts)
-        if users is not None:
-            lf = lf.join(users.lazy(), on="user", how="semi").join(items.lazy(), on="item", how="semi")
-        ic = lf.group_by("item").len().filter(pl.col("len") >= max(1, k_items)).select("item").collect(engine="streaming")
-        uc = (
-            lf.join(ic.lazy(), on="item", how="semi").group_by("user").len()
-            .filter(pl.col("len") >= max(1, k_users)).select("user").collect(engine="streaming")
-        )
-        stable = users is not None and uc.height == users.height and ic.height == items.height
+        counts = np.zeros(n_items, dtype=np.int64)
+        for j, d in enumerate(dirs):
+            u, it = np.load(d / "u.npy", allow_pickle=False), np.load(d / "item.npy", allow_pickle=False)
+            m = slice(None) if users is None else users[j][u] & items[it]
+            counts += np.bincount(it[m], minlength=n_items)
+        ic = counts >= max(1, k_items)
+        uc = []
+        for j, d in enumerate(dirs):
+            u, it = np.load(d / "u.npy", allow_pickle=False), np.load(d / "item.npy", allow_pickle=False)
+            m = ic[it] if users is None else users[j][u] & items[it] & ic[it]
+            n_users = pl.scan_parquet(d / "users.parquet").select(pl.len()).collect().item()
+            uc.append(np.bincount(u[m], minlength=n_users) >= max(1, k_users))
+        stable = users is not None and sum(int(x.sum()) for x in uc) == sum(int(x.sum()) for x in users) and int(ic.sum()) == int(items.sum())
         users, items = uc, ic
         if stable:
-            log(f"k-core (users>={k_users}, items>={k_items}) stable after {rnd + 1} rounds: {users.height} users, {items.height} items")
+            log(f"k-core (users>={k_users}, items>={k_items}) stable after {rnd + 1} rounds: "
+                f"{sum(int(x.sum()) for x in users)} users, {int(items.sum())} items")
             return users, items
     raise DataError(f"k-core filtering did not converge in {max_rounds} rounds")
 
 
-def _vocab(items: pl.Series) -> list[str]:
-    items = items.unique()
+def _vocab(names: pl.Series, present: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(vocabulary: item ids in idx order, their codes) of the item codes ``present``."""
+    items = names.gather(present)
     nums = items.cast(pl.Int64, strict=False)
+    df = pl.DataFrame({"i": items, "code": present})
     if nums.null_count() == 0:  # all numeric: 1, 2, ..., 10 rather than 1, 10, 2
-        return pl.DataFrame({"i": items, "n": nums}).sort("n")["i"].to_list()
-    return items.sort().to_list()
+        df = df.with_columns(n=nums).sort(["n", "i"])
+    else:
+        df = df.sort("i")
+    return df["i"].to_list(), df["code"].to_numpy()
 
 
 def as_build_config(cfg: BuildConfig | dict | None = None, **options) -> BuildConfig:
@@ -280,21 +216,23 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         ev = ev.filter(pl.col("event").is_in(o["event_types"]))
 
     phases: dict[str, float] = {}
-    tick = [time.time()]
+    phases_cpu: dict[str, float] = {}
+    tick = [time.time(), time.process_time()]
 
     def phase(name: str) -> None:
-        now = time.time()
-        phases[name] = round(now - tick[0], 2)
-        tick[0] = now
+        now, cpu = time.time(), time.process_time()
+        phases[name] = round(phases.get(name, 0) + now - tick[0], 2)
+        phases_cpu[name] = round(phases_cpu.get(name, 0) + cpu - tick[1], 2)
+        tick[0], tick[1] = now, cpu
 
     # 1. stage into hash partitions of users (one streaming pass over the input)
-    # counts, and finds an empty user/item cell anywhere (the importer probed the first rows only)
+    # counts, and finds an empty user/item/ts cell anywhere (the importer probed the first rows only)
     n_raw = check_ids(imp, ev)
     if n_raw == 0:
         raise DataError(f"{imp.description}: no events" + (f" of types {o['event_types']}" if o["event_types"] else ""))
     if o["pseudonymise_users"]:
         # Raw ids must never touch the disk, not even the work files a SIGKILL
-        # would leave behind: HMAC each distinct user in memory (~1 us each) and
+        # would leave behind: HMAC each distinct user in memory (~0.5 us each) and
         # swap it in before the staging pass writes anything.
         users = ev.select(pl.col("user").unique()).collect(engine="streaming")["user"]
         ids = pl.DataFrame({"user": users, "_pseudo": pseudonymise(users, o["pseudonym_key_env"]).alias("_pseudo")})
@@ -302,56 +240,81 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         del users, ids
     P = max(1, math.ceil(n_raw / o["partition_events"]))
     staged = work / "events"
+    # lz4 and no statistics: work files read once; ~25 % less CPU than the default zstd for ~35 % more bytes
     ev.with_columns(_p=(pl.col("user").hash(seed=1234) % P).cast(pl.UInt32)).sink_parquet(
-        pl.PartitionBy(staged, key="_p", include_key=False), mkdir=True
+        pl.PartitionBy(staged, key="_p", include_key=False), mkdir=True, compression="lz4", statistics=False
     )
     log(f"staged {n_raw:,} events into {P} user partition(s)")
     phase("stage")
 
-    # 2. dedupe + stable time order per partition
-    dedup_dir = work / "dedup"
-    dedup_dir.mkdir(parents=True)
-    parts = []
-    for pdir in sorted(staged.iterdir()):
-        df = pl.scan_parquet(pdir / "*.parquet").sort(["user", "ts", "_row"]).unique(subset=DEDUP_COLS, keep="first", maintain_order=True)
-        dst = dedup_dir / f"{pdir.name}.parquet"
-        df.sink_parquet(dst)
-        parts.append(dst)
-    shutil.rmtree(staged)
-    n_dedup = pl.scan_parquet(parts).select(pl.len()).collect().item()
-    phase("dedupe_sort")
+    # 2.-4. per partition: codes, sort, dedupe [, k-core], positions
+    codes = Codes()
+    kcore = o["kcore_users"] > 1 or o["kcore_items"] > 1
+    seq_dirs: list[Path] = []
+    item_count = np.zeros(0, dtype=np.int64)
+    ev_count = np.zeros(0, dtype=np.int64)  # indexed by code + 1 (0 = null)
+    ch_count = np.zeros(0, dtype=np.int64)
+    lengths: list[np.ndarray] = []
+    n_rated = n_dedup = 0
 
-    # 3. k-core
-    keep_users, keep_items = _kcore(parts, o["kcore_users"], o["kcore_items"], log)
-    phase("kcore")
+    def add(acc: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+        c = np.bincount(values, minlength=n)
+        if len(acc) < len(c):
+            acc = np.concatenate([acc, np.zeros(len(c) - len(acc), dtype=np.int64)])
+        acc[:len(c)] += c
+        return acc
 
-    # 4. positions per user, per partition
-    seq_dir = work / "seqs"
-    seq_dir.mkdir()
-    seq_parts, item_sets, lengths = [], [], []
-    ev_counts: dict = {}
-    ch_counts: dict = {}
-    n_rated = 0
-    for src in parts:
-        lf = pl.scan_parquet(src)
-        if keep_users is not None:  # is_in keeps the (user, ts, row) order; a join need not
-            lf = lf.filter(pl.col("user").is_in(keep_users["user"].implode()) & pl.col("item").is_in(keep_items["item"].implode()))
-        seqs = _positions(lf, o["collapse_repeats"], o["session_gap"], min_len).collect()
-        if seqs.height == 0:
-            continue
-        item_sets.append(seqs.select(pl.col("items").explode().unique()).to_series())
-        lengths.append(seqs["items"].list.len().to_numpy())
-        n_rated += int(seqs.select(pl.col("ratings").list.drop_nulls().list.len().sum()).item() or 0)
-        for col, acc in (("events", ev_counts), ("channels", ch_counts)):
-            for k, v in seqs.select(pl.col(col).explode().value_counts()).unnest(col).iter_rows():
-                acc[k] = acc.get(k, 0) + v
-        dst = seq_dir / src.name
-        seqs.write_parquet(dst)
-        seq_parts.append(dst)
-    if not seq_parts:
+    def ev_rank() -> np.ndarray:
+        return np.array([-1] + [FUNNEL.get(e, -1) for e in codes.strings("event").to_list()], dtype=np.int64)
+
+    def sequences(e: Events) -> None:
+        nonlocal item_count, ev_count, ch_count, n_rated
+        s = positions(e, ev_rank(), o["collapse_repeats"], o["session_gap"], min_len)
+        if len(s.users) == 0:
+            return
+        item_count = add(item_count, s.item, 0)
+        ev_count = add(ev_count, s.ev + 1, 1)
+        ch_count = add(ch_count, s.ch + 1, 1)
+        lengths.append(s.lengths)
+        n_rated += int(np.count_nonzero(~np.isnan(s.rating)))
+        d = work / "seqs" / f"{len(seq_dirs):06d}"
+        s.save(d)
+        seq_dirs.append(d)
+
+    dedup_dirs = []
+    for i, pdir in enumerate(sorted(staged.iterdir())):
+        e, _ = read_partition(sorted(pdir.glob("*.parquet")), codes)
+        n_dedup += e.n
+        phase("dedupe_sort")
+        if kcore:
+            d = work / "dedup" / f"{i:06d}"
+            e.save(d)
+            dedup_dirs.append(d)
+        else:
+            sequences(e)
+            phase("sequences")
+        del e
+        shutil.rmtree(pdir)
+    if kcore:
+        keep_users, keep_items = _kcore(dedup_dirs, codes.strings("item").len(), o["kcore_users"], o["kcore_items"], log)
+        phase("kcore")
+        for j, d in enumerate(dedup_dirs):
+            e = Events.load(d)
+            sequences(e.take(keep_users[j][e.u] & keep_items[e.item]))
+            shutil.rmtree(d)
+        phase("sequences")
+    if not seq_dirs:
         raise DataError(f"{imp.description}: no user has {min_len} or more events after filtering; nothing to build")
-    vocab = _vocab(pl.concat(item_sets))
+
+    item_names = codes.strings("item")
+    vocab, vocab_codes = _vocab(item_names, np.flatnonzero(item_count))
     item_map = pl.DataFrame({"item": vocab, "idx": pl.int_range(1, len(vocab) + 1, eager=True).cast(pl.Int64)})
+    item_tab = np.zeros(item_names.len(), dtype=np.int64)
+    item_tab[vocab_codes] = np.arange(1, len(vocab) + 1)
+    ev_names = [None] + codes.strings("event").to_list()  # index = code + 1
+    ch_names = [None] + codes.strings("channel").to_list()
+    ev_counts = {ev_names[c]: int(n) for c, n in enumerate(ev_count) if n}
+    ch_counts = {ch_names[c]: int(n) for c, n in enumerate(ch_count) if n}
     event_vocab = sorted((e for e in ev_counts if e is not None), key=lambda e: (FUNNEL.get(e, 99), e))
     channel_vocab = sorted(c for c in ch_counts if c is not None)
     lens = np.concatenate(lengths)
@@ -359,52 +322,49 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
 
     t_val = t_test = None
     if o["split"] == "temporal":
-        q = pl.scan_parquet(seq_parts).select(pl.col("ts").explode()).select(
-            v=pl.col("ts").quantile(1 - o["temporal_val_fraction"] - o["temporal_test_fraction"], "lower"),
-            t=pl.col("ts").quantile(1 - o["temporal_test_fraction"], "lower"),
-        ).collect()
-        t_val, t_test = int(q["v"][0]), int(q["t"][0])
+        n_pos = int(lens.sum())
+        qv, qt = 1 - o["temporal_val_fraction"] - o["temporal_test_fraction"], 1 - o["temporal_test_fraction"]
+        # polars' quantile(q, "lower"): the floor((n - 1) * q)-th smallest
+        t_val, t_test = (kth_smallest(seq_dirs, int(math.floor((n_pos - 1) * q))) for q in (qv, qt))
         if t_val >= t_test:
             t_test = t_val + 1
         log(f"temporal split: val from ts {t_val}, test from ts {t_test}")
 
     # cold-start items (data/cold.py): chosen among val/test targets, removed from training input
-    cold = cold_items_.choose(seq_parts, len(vocab), o["cold_items"], o["seed"], o["split"], t_val)
+    cold = cold_items_.choose(seq_dirs, item_names, len(vocab), o["cold_items"], o["seed"], o["split"], t_val)
+    cold_codes = np.zeros(item_names.len(), dtype=bool)
     if cold.len():
+        cold_codes[vocab_codes[item_map["item"].is_in(cold.implode()).to_numpy()]] = True
         log(f"cold items: {cold.len()} of {len(vocab)} held out of training input (kept as val/test targets)")
 
     # 6. samples and shards, partition by partition
-    sinks = {s: ShardSink(out, s, o["shard_max_samples"], o["shard_max_bytes"]) for s in SPLITS}
-    train_counts = np.zeros(len(vocab) + 1, dtype=np.int64)
+    weights = o["event_weights"]
     ev_idx = {e: i for i, e in enumerate(event_vocab)}
     ch_idx = {c: i for i, c in enumerate(channel_vocab)}
-    weights = o["event_weights"]
-    for p, src in enumerate(seq_parts):
-        seqs = pl.read_parquet(src)
-        if not n_rated:  # no explicit ratings anywhere: samples carry no 'ratings' list
-            seqs = seqs.drop("ratings")
-        seqs = cold_items_.hold_out(seqs, cold, o["split"], t_val, min_len)
-        exploded = seqs.select("user", "items").with_row_index("_u").explode("items").join(
-            item_map, left_on="items", right_on="item", how="left", maintain_order="left"
-        )
-        idx_lists = exploded.group_by("_u", maintain_order=True).agg(pl.col("idx"))["idx"]
-        cols = [
-            idx_lists.alias("items"),
-            pl.col("events").list.eval(pl.element().replace_strict(ev_idx, default=-1, return_dtype=pl.Int32)),
-            pl.col("channels").list.eval(pl.element().replace_strict(ch_idx, default=-1, return_dtype=pl.Int32)),
-        ]
-        if weights:
-            cols.append(pl.col("events").list.eval(pl.element().replace_strict(weights, default=1.0, return_dtype=pl.Float32)).alias("weights"))
-        seqs = seqs.with_columns(cols)
-        seqs = split_positions(seqs, o["split"], t_val, t_test).sample(fraction=1.0, shuffle=True, seed=o["seed"] + p)
-        samples = make_samples(seqs, o["max_history"])
-        check_leakage(samples, seqs)
-        tr_items = seqs.filter(pl.col("_T") > 0).select(pl.col("items").list.slice(0, pl.col("_T")).explode()).to_series()
-        train_counts += np.bincount(tr_items.to_numpy(), minlength=len(vocab) + 1)
-        for s in SPLITS:
-            for payload in samples[s]["json"].to_list():
-                sinks[s].write_json(payload.encode())
-        del seqs, samples
+    fields = [*LIST_FIELDS] + [f for f, on in (("sessions", o["session_gap"] is not None), ("weights", bool(weights)), ("ratings", n_rated > 0)) if on]
+    tab = Tables(
+        item=item_tab,
+        event=np.array([ev_idx.get(e, -1) for e in ev_names], dtype=np.int64),
+        channel=np.array([ch_idx.get(c, -1) for c in ch_names], dtype=np.int64),
+        # float32 weights as their shortest decimal (what a JSON writer of float32 prints): 0.3, not 0.30000001
+        weight=np.array([float(str(np.float32((weights or {}).get(e, 1.0)))) for e in ev_names]) if weights else None,
+        fields=tuple(fields),
+    )
+    fmt = o.get("shard_format", "npy")
+    sinks = {s: SINKS[fmt](out, s, o["shard_max_samples"], o["shard_max_bytes"]) for s in SPLITS}
+    train_counts = np.zeros(len(vocab) + 1, dtype=np.int64)
+    for p, d in enumerate(seq_dirs):
+        s = cold_items_.hold_out(Seqs.load(d), cold_codes, o["split"], t_val, min_len)
+        T, V, S = split_points(s, o["split"], t_val, t_test)
+        order = pl.Series(np.arange(len(s.users))).sample(fraction=1.0, shuffle=True, seed=o["seed"] + p).to_numpy()
+        recs = make_records(T, V, S, o["max_history"], order)
+        check_leakage(recs, s, T)
+        tr = ragged_index(s.off[:-1], np.maximum(T, 0))
+        train_counts += np.bincount(item_tab[s.item[tr]], minlength=len(vocab) + 1)
+        uu = users_utf8(s.users)
+        for split in SPLITS:
+            sinks[split].write(gather(s, recs[split], uu, tab))
+        del s, recs
     splits = {s: sinks[s].finish() for s in SPLITS}
     cold_idx = item_map.filter(pl.col("item").is_in(cold.implode()))["idx"].to_numpy()
     cold_items_.check(train_counts, cold_idx)
@@ -431,7 +391,8 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
 
     pct = {f"p{q}": int(np.percentile(lens, q)) for q in (5, 25, 50, 75, 95, 99)}
     manifest = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSION if fmt == "npy" else JSON_SCHEMA_VERSION,
+        "shard_format": fmt,
         "created_by": f"ecomtrain {__version__}",
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": o["source"],
@@ -443,9 +404,7 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
         "item_file": "items.parquet",
         "event_types": event_vocab,
         "channels": channel_vocab,
-        "sample_fields": [f for f in ("user", "items", "events", "channels", "ts", "sessions", "weights", "ratings")
-                          if f in ("user", "items", "events", "channels", "ts") or (f == "sessions" and o["session_gap"] is not None)
-                          or (f == "weights" and weights) or (f == "ratings" and n_rated)],
+        "sample_fields": ["user", *fields],
         "num_ratings": n_rated,
         "split": {
             "method": o["split"], "max_history": o["max_history"], "collapse_repeats": o["collapse_repeats"],
@@ -461,8 +420,9 @@ def _build(imp: Imported, out: Path, work: Path, t_start: float, o: dict, log) -
             "events_by_type": {k: int(v) for k, v in sorted(ev_counts.items(), key=lambda kv: str(kv[0]))},
             "events_by_channel": {str(k): int(v) for k, v in sorted(ch_counts.items(), key=lambda kv: str(kv[0]))},
             "history_length": {"min": int(lens.min()), **pct, "max": int(lens.max()), "mean": round(float(lens.mean()), 2)},
-            "partitions": len(seq_parts),
+            "partitions": len(seq_dirs),
             "phase_seconds": phases,
+            "phase_cpu_seconds": phases_cpu,
         },
         "splits": splits,
         "build_seconds": round(time.time() - t_start, 2),
@@ -487,6 +447,6 @@ def load_manifest(path: str | Path) -> dict:
     for key in ("schema_version", "num_users", "num_items", "splits"):
         if key not in m:
             raise DataError(f"{mf}: missing field '{key}'")
-    if m["schema_version"] != SCHEMA_VERSION:
-        raise DataError(f"{mf}: schema_version {m['schema_version']} is not supported (expected {SCHEMA_VERSION}); rebuild the dataset")
+    if m["schema_version"] not in READABLE_SCHEMAS:
+        raise rebuild_error(str(mf), m["schema_version"])
     return m

@@ -29,22 +29,27 @@ import numpy as np
 import polars as pl
 
 from .importers import DataError
+from .seqs import Seqs
 
 
-def _targets(df: pl.DataFrame, method: str, t_val: Optional[int]) -> pl.Series:
-    """Raw ids at val/test target positions (leave-one-out: the last two; temporal: ts >= t_val)."""
+def _target_mask(s: Seqs, method: str, t_val: Optional[int]) -> np.ndarray:
+    """Positions that can be val/test targets (leave-one-out: each user's last two; temporal: ts >= t_val)."""
     if method == "leave_one_out":
-        return df.select(pl.col("items").list.tail(2).explode())["items"]
-    rows = df.select("items", "ts").explode(["items", "ts"])
-    return rows.filter(pl.col("ts") >= t_val)["items"]
+        pos = np.arange(len(s.item)) - s.off[:-1][s.user_of_position()]
+        return pos >= (s.lengths[s.user_of_position()] - 2)
+    return s.ts >= t_val
 
 
-def choose(seq_parts: list[Path], num_items: int, fraction: float, seed: int, method: str, t_val: Optional[int]) -> pl.Series:
-    """Raw ids of the cold items (sorted), drawn among val/test targets."""
+def choose(seq_dirs: list[Path], item_names: pl.Series, num_items: int, fraction: float, seed: int, method: str,
+           t_val: Optional[int]) -> pl.Series:
+    """Raw ids of the cold items (sorted), drawn among val/test targets (``item_names``: item code -> id)."""
     if fraction <= 0:
         return pl.Series("item", [], dtype=pl.Utf8)
-    cands = pl.concat([_targets(pl.read_parquet(p, columns=["items", "ts"]), method, t_val) for p in seq_parts])
-    cands = cands.drop_nulls().cast(pl.Utf8).unique().sort()
+    codes = set()
+    for d in seq_dirs:
+        s = Seqs.load(d)
+        codes.update(np.unique(s.item[_target_mask(s, method, t_val)]).tolist())
+    cands = item_names.gather(sorted(codes)).cast(pl.Utf8).unique().sort()
     want = int(round(fraction * num_items))
     if want == 0:
         raise DataError(f"data.build.cold_items={fraction}: rounds to 0 of {num_items} items; use a larger fraction")
@@ -55,18 +60,16 @@ def choose(seq_parts: list[Path], num_items: int, fraction: float, seed: int, me
     return cands.gather(pick).rename("item")
 
 
-def hold_out(seqs: pl.DataFrame, cold: pl.Series, method: str, t_val: Optional[int], min_len: int) -> pl.DataFrame:
-    """Remove cold items from each user's training region (raw ids, before the split)."""
-    if cold.len() == 0:
-        return seqs
-    lists = [c for c in ("items", "events", "channels", "ts", "sessions", "ratings") if c in seqs.columns]
-    rows = seqs.with_row_index("_u").explode(lists)
-    rows = rows.with_columns(_p=pl.int_range(pl.len()).over("_u"), _n=pl.len().over("_u"))
-    in_train = pl.col("_p") < (pl.col("_n") - 2) if method == "leave_one_out" else pl.col("ts") < t_val
-    rows = rows.filter(~(in_train & pl.col("items").is_in(cold.implode())))
-    agg = [pl.col(c).first() for c in seqs.columns if c not in lists] + [pl.col(c) for c in lists]
-    out = rows.group_by("_u", maintain_order=True).agg(agg).select(seqs.columns)
-    return out.filter(pl.col("items").list.len() >= min_len)
+def hold_out(s: Seqs, cold_codes: np.ndarray, method: str, t_val: Optional[int], min_len: int) -> Seqs:
+    """Remove cold items (``cold_codes``: bool per item code) from each user's training region."""
+    if not cold_codes.any():
+        return s
+    if method == "leave_one_out":
+        uop = s.user_of_position()
+        in_train = (np.arange(len(s.item)) - s.off[:-1][uop]) < (s.lengths[uop] - 2)
+    else:
+        in_train = s.ts < t_val
+    return s.keep(~(in_train & cold_codes[s.item]), min_len)
 
 
 def check(train_counts: np.ndarray, cold_idx: np.ndarray) -> None:

@@ -194,14 +194,16 @@ def _find_bad_value(imp: Imported) -> Optional[str]:
 
 def check_ids(imp: Imported, ev: Optional[pl.LazyFrame] = None) -> int:
     """Number of events in ``ev`` (default: all); fails naming the file, column and row of an empty
-    user or item cell. One streaming pass: the build's event count and this check share it."""
+    user, item or timestamp cell. One streaming pass: the build's event count and this check share it."""
     ev = imp.events if ev is None else ev
     empty = lambda c: pl.col(c).is_null() | (pl.col(c).str.len_bytes() == 0)  # noqa: E731
-    counts = ev.select(n=pl.len(), u=empty("user").sum(), i=empty("item").sum()).collect(engine="streaming")
-    for col, n in (("user", counts["u"][0]), ("item", counts["i"][0])):
+    counts = ev.select(n=pl.len(), u=empty("user").sum(), i=empty("item").sum(), t=pl.col("ts").is_null().sum()).collect(engine="streaming")
+    for col, n in (("user", counts["u"][0]), ("item", counts["i"][0]), ("ts", counts["t"][0])):
         if n:
-            row = ev.filter(empty(col)).select("_row").head(1).collect(engine="streaming")["_row"][0]
-            raise DataError(f"{imp.origin or imp.description}: column '{col}' row {row + 1} is empty ({n} empty {col} cell(s)); every event needs a user and an item id")
+            bad = pl.col("ts").is_null() if col == "ts" else empty(col)
+            row = ev.filter(bad).select("_row").head(1).collect(engine="streaming")["_row"][0]
+            need = "a timestamp (or no ts column: file order is then time)" if col == "ts" else "a user and an item id"
+            raise DataError(f"{imp.origin or imp.description}: column '{col}' row {row + 1} is empty ({n} empty {col} cell(s)); every event needs {need}")
     return int(counts["n"][0])
 
 

@@ -18,8 +18,9 @@ Nothing is loaded into RAM beyond a shuffle buffer. Guarantees:
 - **eval** (``mode="eval"``): every sample is seen exactly once across ranks
   (sample ``i`` goes to rank ``i % world``); ranks with fewer samples get
   padding rows with ``weight = 0`` so all ranks run the same number of batches.
-- Only ``.json`` members are decoded; anything else (``.pyd``, ``.pickle``...)
-  is refused: shards never carry pickle.
+- Only ``.json`` samples (schema 1) and ``.npy`` blocks (schema 2, read with
+  ``allow_pickle=False``) are decoded (:mod:`ecomtrain.data.shardio`); anything else
+  (``.pyd``, ``.pickle``...) is refused: shards never carry pickle.
 - An unreadable shard, or one whose size / sample count / sha256 (hashed
   while read) differs from the manifest (truncated, altered), is skipped and counted once; beyond
   ``max_corrupt_fraction`` of the shards the reader fails naming the shard.
@@ -38,7 +39,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .importers import DataError
-from .shardio import ALLOWED_MEMBERS, _iter_shard, balance_shards  # noqa: F401  (re-exported)
+from .shardio import ALLOWED_MEMBERS, ShardFormatError, _iter_shard, balance_shards  # noqa: F401  (re-exported)
 
 
 class ShardStream(IterableDataset):
@@ -155,7 +156,7 @@ class ShardStream(IterableDataset):
                     if digest is not None and digest.hexdigest() != sh["sha256"]:
                         raise ValueError("sha256 differs from manifest.json")
                 except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
-                    if isinstance(exc, DataError) and "pickle" in str(exc):
+                    if isinstance(exc, ShardFormatError):  # pickle members, another schema version: never skipped
                         raise
                     bad.add(sh["name"])
                     self.corrupt_shards = sorted(bad)

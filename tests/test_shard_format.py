@@ -1,0 +1,174 @@
+"""Shard formats: schema 2 (.npy blocks, the default) and schema 1 (one JSON member per sample).
+
+Both formats of one dataset decode to the same samples and give the training path the same
+batches; schema-1 datasets stay readable; any other schema version fails with a "rebuild"
+error naming the version found and the one expected; .npy members never unpickle.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import read_split
+
+from ecomtrain.data import build, importers, synth
+from ecomtrain.data.importers import DataError
+from ecomtrain.data.shardio import SCHEMA_VERSION, ShardFormatError, _iter_shard
+from ecomtrain.data.stream import ShardStream
+
+OPTIONS = dict(shard_max_samples=40, partition_events=3000, event_weights={"view": 1, "cart": 2.5, "purchase": 0.3333333},
+               session_gap=3600, cold_items=0.1, max_history=12, log=lambda *_: None)
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory):
+    """One rich synthetic input (ratings, sessions, weights, cold items, several partitions) built in both formats."""
+    root = tmp_path_factory.mktemp("formats")
+    synth.write(root / "raw", num_users=250, num_items=90, seed=5, behaviour_signal=True, channel_signal=True, ratings=True)
+    for fmt in ("npy", "json"):
+        build.build(importers.load("synth", root / "raw"), root / fmt, shard_format=fmt, **OPTIONS)
+    return root / "npy", root / "json"
+
+
+def _manifest(d):
+    return json.loads((d / "manifest.json").read_text())
+
+
+def test_both_formats_decode_to_the_same_samples(both):
+    npy, js = both
+    mn, mj = _manifest(npy), _manifest(js)
+    assert (mn["schema_version"], mn["shard_format"]) == (SCHEMA_VERSION, "npy") == (2, "npy")
+    assert (mj["schema_version"], mj["shard_format"]) == (1, "json")
+    assert mn["sample_fields"] == mj["sample_fields"] == ["user", "items", "events", "channels", "ts", "sessions", "weights", "ratings"]
+    assert mn["build"]["fingerprint"] == mj["build"]["fingerprint"]  # the format is not part of the dataset's identity
+    for split in ("train", "val", "test"):
+        a, b = read_split(npy, split), read_split(js, split)
+        assert len(a) == len(b) == mn["splits"][split]["num_samples"] > 20
+        assert a == b  # every sample, in shard order: every field, value and type
+        assert [s["num_samples"] for s in mn["splits"][split]["shards"]] == [s["num_samples"] for s in mj["splits"][split]["shards"]]
+        assert {type(x) for s in a for x in s["items"]} == {int} and isinstance(a[0]["user"], str)
+    val = read_split(npy, "val")
+    assert any(r is None for s in val for r in s["ratings"]) and any(isinstance(r, float) for s in val for r in s["ratings"])
+    assert {w for s in val for w in s["weights"]} == {1.0, 2.5, 0.3333333}  # float32 weights, as a JSON writer prints them
+    assert {"target", "target_event", "target_ts", "target_channel", "target_weight", "target_rating"} <= set(val[0])
+    nbytes = lambda m: sum(sh["bytes"] for s in m["splits"].values() for sh in s["shards"])  # noqa: E731
+    # smaller even at 40 samples a shard (tar headers dominate there; bench/data_build.py measures real sizes)
+    assert nbytes(mn) < 0.7 * nbytes(mj)
+
+
+def test_training_batches_are_identical(both):
+    from ecomtrain.config import validate_tree
+    from ecomtrain.train.datamodule import ShardDataModule
+    from ecomtrain.train.module import make_task
+
+    def batches(root):
+        tree = {"data": {"path": str(root), "max_history": 10, "batch_size": 8, "eval_batch_size": 16, "shuffle_buffer": 30},
+                "model": {"backbone": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+                "trainer": {"accelerator": "cpu", "max_epochs": 1}}
+        cfg = validate_tree(tree)
+        m = build.load_manifest(root)
+        dm = ShardDataModule(cfg, make_task(cfg, m), m)
+        return [b for _ in range(2) for b in dm.train_dataloader()] + list(dm.val_dataloader())
+
+    a, b = batches(both[0]), batches(both[1])
+    assert len(a) == len(b) > 10
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if isinstance(x[k], torch.Tensor):
+                assert torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k], k
+
+
+def test_schema_1_is_read_and_other_versions_ask_for_a_rebuild(both, tmp_path):
+    import shutil
+
+    _, js = both
+    old = tmp_path / "old"
+    shutil.copytree(js, old)
+    m = build.load_manifest(old)  # accept path: a schema-1 (JSON) dataset still loads and trains
+    assert m["schema_version"] == 1
+    t = ShardStream(old, "train", m, lambda b: b, 8, mode="train")
+    assert sum(1 for _ in t) == m["splits"]["train"]["num_samples"] // 8
+    for v in (3, 0):
+        mf = json.loads((old / "manifest.json").read_text())
+        mf["schema_version"] = v
+        (old / "manifest.json").write_text(json.dumps(mf))
+        with pytest.raises(DataError, match=rf"manifest\.json: schema_version {v} is not supported \(this ecomtrain reads 1 and 2, writes 2\); rebuild"):
+            build.load_manifest(old)
+
+
+def _rewrite_member(src, dst, edit) -> None:
+    """Copy tar ``src`` to ``dst`` with ``edit(name, data) -> data`` applied to each member."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as tout:
+        for mem in tin:
+            data = edit(mem.name, tin.extractfile(mem).read())
+            mem.size = len(data)
+            tout.addfile(mem, io.BytesIO(data))
+
+
+def test_block_of_another_schema_is_a_rebuild_error_never_skipped(both, tmp_path):
+    npy, _ = both
+    m = build.load_manifest(npy)
+    sh = m["splits"]["train"]["shards"][0]
+    bad = tmp_path / sh["name"]
+
+    def future(name, data):
+        if name.endswith(".meta.json"):
+            meta = json.loads(data)
+            meta["schema_version"] = 3
+            return json.dumps(meta).encode()
+        return data
+
+    _rewrite_member(npy / sh["name"], bad, future)
+    with pytest.raises(ShardFormatError, match=r"block 's0000000000': schema_version 3 is not supported .*writes 2\); rebuild"):
+        list(_iter_shard(bad))
+    # the reader stops on it even when damaged shards may be skipped: skipping would lose the whole dataset quietly
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    bad.rename(ds / sh["name"])
+    m1 = dict(m, splits={"train": {"num_samples": sh["num_samples"], "shards": [dict(sh, bytes=None, sha256=None)]}})
+    with pytest.raises(ShardFormatError, match="rebuild"):
+        list(ShardStream(ds, "train", m1, lambda b: b, 4, mode="train", max_corrupt_fraction=1.0))
+
+
+def test_npy_member_holding_a_pickle_is_not_unpickled(both, tmp_path):
+    npy, _ = both
+    sh = build.load_manifest(npy)["splits"]["val"]["shards"][0]
+    marker = tmp_path / "ran"
+
+    class Boom:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    def evil(name, data):
+        if name.endswith(".items.npy"):
+            buf = io.BytesIO()
+            np.save(buf, np.array([Boom()], dtype=object), allow_pickle=True)
+            return buf.getvalue()
+        return data
+
+    _rewrite_member(npy / sh["name"], tmp_path / "evil.tar", evil)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        list(_iter_shard(tmp_path / "evil.tar"))
+    assert not marker.exists()
+
+
+def test_npy_shards_respect_the_byte_limit(tmp_path, synth_raw):
+    m = build.build(importers.load("synth", synth_raw), tmp_path / "o", shard_max_bytes=40_000, log=lambda *_: None)
+    shards = [sh for s in m["splits"].values() for sh in s["shards"]]
+    assert len(shards) > 6 and all(sh["bytes"] <= 40_000 for sh in shards if sh["num_samples"] > 1)
+    assert {sh["bytes"] for sh in shards} == {(tmp_path / "o" / sh["name"]).stat().st_size for sh in shards}
+
+
+def test_empty_timestamp_is_an_error_naming_the_row(tmp_path):
+    f = tmp_path / "ev.csv"
+    f.write_text("user,item,ts\n" + "".join(f"u{k % 3},i{k},{k}\n" for k in range(12)) + "u1,i9,\n")
+    with pytest.raises(DataError, match=r"ev\.csv: column 'ts' row 13 is empty \(1 empty ts cell\(s\)\)"):
+        build.build(importers.load("table", f), tmp_path / "o", log=lambda *_: None)
