@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,6 +41,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each side; medians are reported")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--data", help="an already built dataset folder (else a synth one is built)")
+    ap.add_argument("--out", help="also write the JSON object to this file (e.g. bench/results/train_throughput_cpu.json)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="instead of timing: cProfile (main-thread CPU time) one ecomtrain run and one plain run, print the top N entries "
+                         "by cumulative and by own time (where the time beyond the model step goes)")
     a = ap.parse_args()
 
     import lightning as L
@@ -90,19 +96,21 @@ def main() -> None:
         if a.device == "cuda":
             torch.cuda.synchronize()
 
-    def plain_run() -> float:
+    def plain_run() -> tuple[float, float, float]:
         """The same model in a hand-written loop over pre-collated in-memory batches (no data loading)."""
         L.seed_everything(0, verbose=False)
         module = RecModule(tree, n_items)
         module.configure_model()
         net = module.net.to(a.device)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+        # the optimizer ecomtrain uses (train/module.py): torch's fused AdamW, so the comparison
+        # measures the framework, not the optimizer kernel
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=True)
         scaler = torch.amp.GradScaler(a.device, enabled=a.precision == "16-mixed")
         net.train()
         for i, b in enumerate(batches):
             if i == a.warmup:
                 sync()
-                t0 = time.perf_counter()
+                t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
             with torch.autocast(a.device, dtype=dtype, enabled=amp):
                 loss = module.task.loss(net, b)
             scaler.scale(loss).backward()
@@ -112,19 +120,19 @@ def main() -> None:
             scaler.update()
             opt.zero_grad(set_to_none=True)
         sync()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - m0
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == a.warmup:
                 sync()
-                self.t0 = time.perf_counter()
+                self.t0, self.c0, self.m0 = time.perf_counter(), time.process_time(), time.thread_time()
 
         def on_train_end(self, trainer, pl_module):
             sync()
-            self.t1 = time.perf_counter()
+            self.t1, self.c1, self.m1 = time.perf_counter(), time.process_time(), time.thread_time()
 
-    def eco_run() -> float:
+    def eco_run() -> tuple[float, float, float]:
         """ecomtrain: Lightning Trainer streaming the shards through its DataModule, with the
         callbacks a real run has (throughput monitor, LR monitor via a logger-free trainer)."""
         from ecomtrain.train.throughput import ThroughputMonitor
@@ -139,15 +147,41 @@ def main() -> None:
             limit_val_batches=0, num_sanity_val_steps=0, gradient_clip_val=1.0,
         )
         trainer.fit(module2, datamodule=ShardDataModule(cfg, module2.task, manifest))
-        return timer.t1 - timer.t0
+        return timer.t1 - timer.t0, timer.c1 - timer.c0, timer.m1 - timer.m0
 
-    plain_times, eco_times = [], []
+    if a.profile:
+        import cProfile
+        import io
+        import pstats
+
+        report = {}
+        for name, fn in (("plain_pytorch", plain_run), ("ecomtrain", eco_run)):
+            fn()  # warm (imports, allocator)
+            prof = cProfile.Profile(time.thread_time)  # CPU time of the training thread: robust to other jobs
+            prof.enable()
+            fn()
+            prof.disable()
+            for order in ("cumulative", "tottime"):
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(order).print_stats(a.profile)
+                report[f"{name}_{order}"] = buf.getvalue()
+        for key, text in report.items():
+            print(f"===== {key}\n{text}")
+        return
+
+    plain_runs, eco_runs = [], []
+    load_start = os.getloadavg()[0]
     for _ in range(a.repeats):  # alternate, so load changes hit both sides alike
-        plain_times.append(plain_run())
-        eco_times.append(eco_run())
+        plain_runs.append(plain_run())
+        eco_runs.append(eco_run())
     import statistics
 
+    plain_times, eco_times = [r[0] for r in plain_runs], [r[0] for r in eco_runs]
     plain_s, eco_s = statistics.median(plain_times), statistics.median(eco_times)
+    plain_cpu, eco_cpu = statistics.median(r[1] for r in plain_runs), statistics.median(r[1] for r in eco_runs)
+    plain_main, eco_main = statistics.median(r[2] for r in plain_runs), statistics.median(r[2] for r in eco_runs)
+    # per-run ratios of adjacent (alternating) runs: robust to load drifting between repeats
+    ratios = [e / p for p, e in zip(plain_times, eco_times)]
     n_params = sum(p.numel() for p in net.parameters())
 
     steps = a.steps
@@ -160,10 +194,30 @@ def main() -> None:
         "plain_pytorch": {"seconds": round(plain_s, 3), "samples_per_s": round(steps * a.batch / plain_s, 1), "tokens_per_s": round(timed_tokens / plain_s, 1)},
         "ecomtrain": {"seconds": round(eco_s, 3), "samples_per_s": round(steps * a.batch / eco_s, 1), "tokens_per_s": round(timed_tokens / eco_s, 1)},
         "ecomtrain_overhead_pct": round(100 * (eco_s / plain_s - 1), 1),
+        "ecomtrain_overhead_pct_median_of_pairs": round(100 * (statistics.median(ratios) - 1), 1),
+        # process CPU seconds (all threads: the prefetch thread's decode/collate included), median per side
+        "plain_cpu_seconds": round(plain_cpu, 3),
+        "ecomtrain_cpu_seconds": round(eco_cpu, 3),
+        "ecomtrain_cpu_overhead_pct": round(100 * (eco_cpu / plain_cpu - 1), 1),
+        # CPU seconds of the training (main) thread alone: the critical path. ecomtrain's reading,
+        # decoding and collating run in its prefetch thread (data.prefetch_batches), off this path
+        # when a core is free; the plain loop reads nothing
+        "plain_main_thread_cpu_seconds": round(plain_main, 3),
+        "ecomtrain_main_thread_cpu_seconds": round(eco_main, 3),
+        "ecomtrain_main_thread_cpu_overhead_pct": round(100 * (eco_main / plain_main - 1), 1),
+        "plain_samples_per_cpu_s": round(steps * a.batch / plain_cpu, 1),
+        "ecomtrain_samples_per_cpu_s": round(steps * a.batch / eco_cpu, 1),
         "repeats": a.repeats,
         "plain_seconds_each": [round(t, 3) for t in plain_times],
         "ecomtrain_seconds_each": [round(t, 3) for t in eco_times],
-        "load_avg_1m": round(__import__("os").getloadavg()[0], 2),
+        "plain_cpu_seconds_each": [round(r[1], 3) for r in plain_runs],
+        "ecomtrain_cpu_seconds_each": [round(r[1], 3) for r in eco_runs],
+        "ecomtrain_main_thread_cpu_seconds_each": [round(r[2], 3) for r in eco_runs],
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "load_avg_1m_start": round(load_start, 2),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "command": "python bench/train_throughput.py " + " ".join(sys.argv[1:]),
     }
     if a.device == "cuda":
         # 6*N per token for matmuls (fwd+bwd) + attention 12*L*H*T per token
@@ -172,6 +226,8 @@ def main() -> None:
             out[k]["mfu_pct"] = round(100 * flops_tok * out[k]["tokens_per_s"] / (a.peak_tflops * 1e12), 2)
         out["peak_tflops_assumed"] = a.peak_tflops
     print(json.dumps(out, indent=2))
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ import pytest
 from conftest import tiny_recipe
 
 
-def _train(tiny_dataset, tmp_path, **over):
+def _train(tiny_dataset, tmp_path, callbacks=(), **over):
     from ecomtrain.config import validate_tree
     from ecomtrain.train.runner import train
 
     cfg = validate_tree(tiny_recipe(tiny_dataset, tmp_path / "run", **over))
-    return train(cfg, log=lambda *_: None)
+    return train(cfg, log=lambda *_: None, callbacks=callbacks)
 
 
 def test_metrics_json_has_throughput(tiny_dataset, tmp_path):
@@ -27,6 +27,40 @@ def test_metrics_json_has_throughput(tiny_dataset, tmp_path):
     assert 1.0 <= per_sample <= 20.0
     assert 0.0 < m["perf/token_efficiency"] <= 1.0
     assert "perf/mfu" not in m  # CPU: no meaningful peak, so no MFU figure
+    # CPU seconds include every thread of the process, so they cannot be 0 for a step that trained
+    assert m["perf/samples_per_cpu_s"] > 0
+
+
+def test_step_figures_reach_the_loggers_at_every_write_out(tiny_dataset, tmp_path):
+    """train/loss is handed to Lightning only on the steps its loggers write (RecModule._log_step):
+    every written step must still carry it (the same steps as the LR monitor's rows), with the
+    value of that step's loss; and the optimizer is torch's fused AdamW outside DeepSpeed."""
+    import csv
+
+    import lightning as L
+    import torch
+
+    seen = {"losses": {}}
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["fused"] = trainer.optimizers[0].defaults.get("fused")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen["losses"][trainer.global_step - 1] = float(outputs["loss"])
+
+    run_dir = _train(tiny_dataset, tmp_path, callbacks=[Spy()], trainer__max_epochs=2, trainer__log_every_n_steps=3,
+                     logging__wandb__enabled=False)
+    assert seen["fused"] is True
+    rows = list(csv.DictReader(open(run_dir / "logs" / "metrics.csv")))
+    loss_rows = {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+    lr_steps = sorted({int(r["step"]) for r in rows for k, v in r.items() if k.startswith("lr-") and v})
+    total = json.loads((run_dir / "metrics.json").read_text())["train/global_step"]
+    assert total >= 6
+    assert sorted(loss_rows) == lr_steps == [s for s in range(total) if (s + 1) % 3 == 0]
+    for step, value in loss_rows.items():
+        assert value == pytest.approx(seen["losses"][step], rel=1e-6)
+    assert torch.isfinite(torch.tensor(list(loss_rows.values()))).all()
 
 
 def test_data_wait_counts_time_spent_in_the_loader(tiny_dataset, tmp_path, monkeypatch):

@@ -142,19 +142,46 @@ class RecModule(L.LightningModule):
         loss = losses[tasks[0].name] if len(tasks) == 1 else sum(t.weight * losses[t.name] for t in tasks)
         if not self._loss_finite_everywhere(loss):
             return self._nonfinite(loss)
-        bs = self.task.batch_size(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        # per-step figures are handed to Lightning in on_train_batch_end, and only on the steps its
+        # logger connector writes out (see _log_step)
+        logs = {"train/loss": loss.detach()}
         if len(tasks) > 1:
             for name, value in losses.items():
-                self.log(f"train/loss/{name}", value.detach(), on_step=True, on_epoch=False, batch_size=bs)
+                logs[f"train/loss/{name}"] = value.detach()
         for t in tasks:  # a task's own training figures (e.g. a regulariser's value)
-            for name, value in t.train_logs().items():
-                self.log(name, value, on_step=True, on_epoch=False, batch_size=bs)
+            logs.update(t.train_logs())
         reg = adapter_regularization(self.net.lm)  # AdaLoRA's orthogonality penalty; None otherwise
         if reg is not None:
-            self.log("train/orth_reg", reg, on_step=True, on_epoch=False, batch_size=bs)
+            logs["train/orth_reg"] = reg.detach()
             loss = loss + reg
+        self._step_logs = (logs, self.task.batch_size(batch))
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._log_step()
+
+    def _log_step(self) -> None:
+        """Log this step's training figures when Lightning will write them to the loggers.
+
+        ``self.log`` costs ~0.5 ms a call on CPU (Lightning moves and checks its result
+        collection each time), 1-3 % of a small model's step when called every step, while the
+        loggers only receive every ``trainer.log_every_n_steps``-th value. The same values reach
+        the CSV/W&B rows at the same steps as before; the progress bar shows the last written
+        loss. Called from ``on_train_batch_end``, which runs after the callbacks' (so a stop
+        request made there, which makes Lightning write that step, is seen) and right before
+        Lightning's step write-out.
+        """
+        pending, self._step_logs = getattr(self, "_step_logs", None), None
+        if pending is None:
+            return
+        trainer = self.trainer
+        conn = getattr(trainer, "_logger_connector", None)
+        if conn is not None and not (conn.should_update_logs or trainer.fast_dev_run):
+            return
+        logs, bs = pending
+        self.log("train/loss", logs.pop("train/loss"), prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        for name, value in logs.items():
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=bs)
 
     def _loss_finite_everywhere(self, loss: torch.Tensor) -> bool:
         # one scalar all-reduce per step, so every rank takes the same branch below (a rank that
@@ -238,7 +265,15 @@ class RecModule(L.LightningModule):
             # no weight decay on biases, norms (1-d) and embeddings (side-input tables included)
             (no_decay if p.ndim < 2 or "embed" in name or name.startswith("side.") else decay).append(p)
         groups = [{"params": decay, "weight_decay": oc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=oc.lr, betas=oc.betas, eps=oc.eps)
+        params = [p for g in groups for p in g["params"]]
+        # torch's fused AdamW kernel: one kernel per tensor instead of ~12 (0.24 vs 0.99 ms a step for
+        # the quickstart model's 170 k parameters on one CPU core). Not under DeepSpeed, which steps
+        # its own flattened partitions.
+        from .strategies import is_deepspeed
+
+        fused = not is_deepspeed(self.trainer.strategy) and all(
+            p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=oc.lr, betas=oc.betas, eps=oc.eps, fused=fused or None)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(oc.warmup_ratio * total)
         sched = torch.optim.lr_scheduler.LambdaLR(

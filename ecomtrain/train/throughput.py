@@ -5,6 +5,9 @@ optimizer steps and summarised into ``metrics.json`` by the runner.
 
 - step time: wall time between consecutive ``on_train_batch_start`` calls of this rank,
   so it includes forward, backward, the optimizer, callbacks and the data fetch;
+- CPU time: this process's CPU seconds over the same window (all threads, the prefetch
+  thread's decoding and collating included): ``perf/samples_per_cpu_s`` is robust to other jobs
+  on a shared machine, where wall-clock rates are not;
 - data wait: time spent inside the train loader's ``next()`` (the loader in
   ``train/datamodule.py`` accumulates it in ``wait_seconds``); the fraction is
   wait / step time over the same window;
@@ -51,7 +54,8 @@ class ThroughputMonitor(Callback):
     def reset(self) -> None:
         self._last_start: Optional[float] = None
         self._last_wait = 0.0
-        self._win = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0, "slots": 0, "batches": 0}
+        self._last_cpu = 0.0
+        self._win = {"time": 0.0, "cpu": 0.0, "wait": 0.0, "samples": 0, "tokens": 0, "slots": 0, "batches": 0}
         self.total = dict(self._win)
         self._seen = 0
         self._n_params: Optional[int] = None
@@ -92,23 +96,24 @@ class ThroughputMonitor(Callback):
         self._last_start = None  # the gap across an epoch boundary holds validation
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
+        now, cpu = time.perf_counter(), time.process_time()
         wait = self._loader_wait(trainer)
         if self._last_start is not None:
             self._seen += 1
             if self._seen > self.skip_first:
                 for acc in (self._win, self.total):
                     acc["time"] += now - self._last_start
+                    acc["cpu"] += cpu - self._last_cpu
                     acc["wait"] += max(0.0, wait - self._last_wait)
                     acc["batches"] += 1
                     for k, v in zip(("samples", "tokens", "slots"), self._pending):
                         acc[k] += v
-        self._last_start, self._last_wait = now, wait
+        self._last_start, self._last_wait, self._last_cpu = now, wait, cpu
         self._pending = self._batch_counts(pl_module, batch)
         if self._win["batches"] >= self.every:
             pl_module.log_dict(self._rates(self._win, pl_module), on_step=True, on_epoch=False, batch_size=1, rank_zero_only=True)
             self._win = dict.fromkeys(self._win, 0)
-            self._win["time"] = self._win["wait"] = 0.0
+            self._win["time"] = self._win["wait"] = self._win["cpu"] = 0.0
 
     def _rates(self, acc: dict, pl_module) -> dict[str, float]:
         t = max(acc["time"], 1e-9)
@@ -116,6 +121,8 @@ class ThroughputMonitor(Callback):
             "perf/samples_per_s": acc["samples"] / t,
             "perf/data_wait_fraction": acc["wait"] / t,
         }
+        if acc["cpu"] > 0:
+            out["perf/samples_per_cpu_s"] = acc["samples"] / acc["cpu"]
         if acc["slots"]:
             out["perf/tokens_per_s"] = acc["tokens"] / t
             out["perf/token_efficiency"] = acc["tokens"] / acc["slots"]
