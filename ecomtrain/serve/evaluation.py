@@ -53,7 +53,7 @@ class EvalSuite(nn.Module):
         B, N = len(target), self.num_items
         w = batch.get("weight")
         w = torch.ones(B, device=target.device) if w is None else w
-        chunk = chunk_for_budget(B, self.ev.score_memory_mb, N)
+        chunk = chunk_for_budget(B, self.ev.score_memory_mb, N, device=target.device)
         kmax = max([*self.ks, self.ev.consistency_k, 10])
         scorer = HiddenScorer(net, last_hidden(net, batch["items"], batch["lengths"], batch.get("side")))
         excl = rank_catalog(scorer, B, N, kmax, chunk, seen=seen, target=target)
@@ -78,7 +78,7 @@ class EvalSuite(nn.Module):
             def top_lists(items: torch.Tensor, excl_seen: torch.Tensor):
                 lengths = (items > 0).sum(1).clamp(min=1)
                 sc = HiddenScorer(net, last_hidden(net, items, lengths))
-                return rank_catalog(sc, len(items), N, self.ev.consistency_k, chunk_for_budget(len(items), self.ev.score_memory_mb, N), seen=excl_seen, device=items.device)
+                return rank_catalog(sc, len(items), N, self.ev.consistency_k, chunk_for_budget(len(items), self.ev.score_memory_mb, N, device=items.device), seen=excl_seen, device=items.device)
 
             update_from_batch(self.cons, top_lists, batch, self.channels, self.max_history, w)
         need = self.ev.sample_users - len(self.samples)

@@ -179,7 +179,7 @@ class Recommender:
             lengths = torch.tensor([max(1, min(len(r), self.max_history)) for r in rows], device=self.device)
             seen = _pad(rows).to(self.device) if exclude_seen else None
             h = last_hidden(self.net, items, lengths)
-            chunk = chunk_for_budget(len(rows), self.score_memory_mb, self.num_items)
+            chunk = chunk_for_budget(len(rows), self.score_memory_mb, self.num_items, device=self.device)
             res = rank_catalog(HiddenScorer(self.net, h), len(rows), self.num_items, k, chunk,
                                seen=seen, allowed=allowed, device=self.device)
             yield res.values.cpu(), res.indices.cpu()
@@ -211,23 +211,32 @@ class Recommender:
         """Top-k DataFrame for users whose histories are already item indices (1-based)."""
         import polars as pl
 
-        cols: dict[str, list] = {"user": [], "rank": [], "item": [], "score": []}
-        titles = [] if self.titles is not None else None
-        pos = 0
-        for vals, inds in self.rank_indices(idx, k, exclude_seen, allowed, batch_size):
-            for v, ind in zip(vals.tolist(), inds.tolist()):
-                u = users[pos]
-                pos += 1
-                for r, (s, j) in enumerate(((s, j) for s, j in zip(v, ind) if s != float("-inf")), start=1):
-                    cols["user"].append(u)
-                    cols["rank"].append(r)
-                    cols["item"].append(self.item_ids[j])
-                    cols["score"].append(s)
-                    if titles is not None:
-                        titles.append(self.titles[j])
-        if titles is not None:
-            cols["title"] = titles
-        return pl.DataFrame(cols, schema_overrides={"rank": pl.Int32, "score": pl.Float32})
+        vals, inds = [], []
+        for v, i in self.rank_indices(idx, k, exclude_seen, allowed, batch_size):
+            vals.append(v)
+            inds.append(i)
+        return self.to_frame(users, torch.cat(vals) if vals else torch.empty(0, k), torch.cat(inds) if inds else torch.empty(0, k, dtype=torch.long))
+
+    def to_frame(self, users: Sequence, values: torch.Tensor, indices: torch.Tensor):
+        """[U, k] scores and item columns (-inf = no item; they sort last) -> ``user, rank, item,
+        score[, title]``, built column-wise (no per-row Python loop: 100 k users x 20 = 2 M rows)."""
+        import numpy as np
+        import polars as pl
+
+        v, i = values.float().numpy(), indices.numpy()
+        n, k = v.shape
+        keep = np.isfinite(v).ravel()
+        pos = np.repeat(np.arange(n), k)[keep]
+        col = i.ravel()[keep]
+        cols = {
+            "user": pl.Series("user", list(users)).gather(pos),
+            "rank": pl.Series("rank", np.tile(np.arange(1, k + 1, dtype=np.int32), n)[keep]),
+            "item": self.catalog["item"].gather(col),
+            "score": pl.Series("score", v.ravel()[keep], dtype=pl.Float32),
+        }
+        if self.titles is not None:
+            cols["title"] = self.catalog["title"].cast(pl.Utf8).gather(col)
+        return pl.DataFrame(cols)
 
 
 def frame_histories(df) -> tuple[list, list[list]]:
