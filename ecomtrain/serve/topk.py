@@ -16,10 +16,11 @@ the full masked score row, whatever the chunk size (tests/test_topk_exact.py). S
 rankable items hold ``-inf`` (their column is 0 and means nothing).
 
 Speed (bench/recommend.py, 1 M items, hidden 64, CPU): scoring is a [B, 64] x [64, chunk] matmul,
-~0.13 GFLOP per user. On CPU the chunk is capped so that one [B, chunk] fp32 block is ~4 MB
-(``CPU_BLOCK_BYTES``): it stays in cache between the matmul that writes it and the passes that read
-it, and it never takes the page-fault path of a fresh large allocation (measured, one thread, 200 k
-items, B 256: 87 GFLOP/cpu-s at 2-8 k-item chunks vs 25 at 52 k-item chunks). Memory:
+~0.13 GFLOP per user. On CPU the chunk is capped at 4,096 items (and 32 MB per [B, chunk] fp32 block):
+a block that size is reused by the allocator instead of taking the page-fault path of a fresh
+large allocation and stays in cache for the passes that read it (measured, one thread, 200 k items,
+B 256: the matmul ran at 87 GFLOP/cpu-s with 2-8 k-item chunks vs 25 with the former 52 k-item
+chunks); much smaller chunks pay Python overhead per chunk. Memory:
 B x chunk floats per chunk (plus a few same-sized temporaries), at most ``budget_mb``.
 """
 
@@ -34,8 +35,10 @@ Scorer = Callable[..., torch.Tensor]  # scorer(lo, hi, rows=None) -> [B or len(r
 
 # live B x chunk tensors per chunk: scores, a comparison mask, topk / sort scratch
 _TEMPS = 5
-# CPU: one [B, chunk] fp32 score block of about this size (see the module docstring)
-CPU_BLOCK_BYTES = 4 * 2**20
+# CPU: chunks of CPU_CHUNK items, fewer when a [B, chunk] fp32 block would pass CPU_BLOCK_BYTES
+# (see the module docstring)
+CPU_CHUNK = 4096
+CPU_BLOCK_BYTES = 32 * 2**20
 NEG_INF = float("-inf")
 # columns per block for the candidate scan (chunks on CPU are multiples of it)
 BLOCK = 64
@@ -44,11 +47,11 @@ BLOCK = 64
 def chunk_for_budget(batch: int, budget_mb: float, num_items: int, min_chunk: int = 256,
                      device: Optional[torch.device | str] = None) -> int:
     """Items per chunk so that ~_TEMPS float32 [batch, chunk] tensors fit ``budget_mb``; on CPU
-    (``device`` None or cpu) also at most ~``CPU_BLOCK_BYTES`` per [batch, chunk] block."""
+    (``device`` None or cpu) also at most ``CPU_CHUNK`` items and ``CPU_BLOCK_BYTES`` per block."""
     per_col = max(1, batch) * 4 * _TEMPS
     chunk = int(budget_mb * 2**20 // per_col)
     if device is None or torch.device(device).type == "cpu":
-        chunk = min(chunk, CPU_BLOCK_BYTES // (4 * max(1, batch)))
+        chunk = min(chunk, CPU_CHUNK, CPU_BLOCK_BYTES // (4 * max(1, batch)))
     chunk = max(min_chunk, chunk)
     if chunk >= num_items:
         return max(1, num_items)
