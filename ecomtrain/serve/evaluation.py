@@ -24,7 +24,7 @@ from .topk import HiddenScorer, VectorScorer, chunk_for_budget, last_hidden, ran
 class EvalSuite(nn.Module):
     def __init__(self, ev, num_items: int, max_history: int, popularity: torch.Tensor, stage: str,
                  category: Optional[torch.Tensor] = None, channels: Sequence[str] = (), titles: Optional[list] = None,
-                 cold: Optional[torch.Tensor] = None):
+                 cold: Optional[torch.Tensor] = None, days: bool = False):
         super().__init__()
         self.ev, self.num_items, self.max_history, self.stage = ev, num_items, max_history, stage
         self.ks = tuple(ev.ks)
@@ -39,7 +39,9 @@ class EvalSuite(nn.Module):
         self.by_pop = nn.ModuleList([RankingMetrics(self.ks, report_count=True) for _ in POP_BUCKETS]) if ev.beyond_accuracy else None
         self.by_user = nn.ModuleList([RankingMetrics(self.ks, report_count=True) for _ in USER_BUCKETS]) if ev.beyond_accuracy else None
         self.channels = list(channels)
-        self.cons = ConsistencyMetric(comparison_names(self.channels), ev.consistency_k) if (stage == "test" and ev.consistency) else None
+        # days: consecutive-day consistency, for datasets built with the global temporal split
+        self.days = days
+        self.cons = ConsistencyMetric(comparison_names(self.channels, days), ev.consistency_k) if (stage == "test" and ev.consistency) else None
         self.titles = titles
         self.samples: list[list] = []
 
@@ -80,7 +82,7 @@ class EvalSuite(nn.Module):
                 sc = HiddenScorer(net, last_hidden(net, items, lengths))
                 return rank_catalog(sc, len(items), N, self.ev.consistency_k, chunk_for_budget(len(items), self.ev.score_memory_mb, N, device=items.device), seen=excl_seen, device=items.device)
 
-            update_from_batch(self.cons, top_lists, batch, self.channels, self.max_history, w)
+            update_from_batch(self.cons, top_lists, batch, self.channels, self.max_history, w, days=self.days)
         need = self.ev.sample_users - len(self.samples)
         for r in range(min(need, B)):
             if float(w[r]) == 0:
