@@ -166,7 +166,26 @@ class Recommender:
         return mask
 
     # ------------------------------------------------------------------ ranking
+    def batch_tensors(self, rows: Sequence[Sequence[int]], exclude_seen: bool = True) -> dict:
+        """One batch of index histories (1-based) -> model input (the last ``max_history`` items,
+        right-padded), lengths, and the whole history to exclude (None with ``exclude_seen`` off)."""
+        return {"items": _pad([r[-self.max_history:] for r in rows]),
+                "lengths": torch.tensor([max(1, min(len(r), self.max_history)) for r in rows]),
+                "seen": _pad(rows) if exclude_seen else None}
+
     @torch.no_grad()
+    def rank_batch(self, batch: dict, k: int, allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [b, k], item columns [b, k]) of a ``batch_tensors`` batch, on the model's device;
+        -inf = no item. The one scoring step of ``rank_indices`` and of the multi-process predict loop."""
+        dev = next(self.net.parameters()).device
+        items, lengths = batch["items"].to(dev), batch["lengths"].to(dev)
+        seen = batch["seen"].to(dev) if batch.get("seen") is not None else None
+        h = last_hidden(self.net, items, lengths)
+        chunk = chunk_for_budget(len(items), self.score_memory_mb, self.num_items, device=dev)
+        res = rank_catalog(HiddenScorer(self.net, h), len(items), self.num_items, k, chunk, seen=seen,
+                           allowed=allowed.to(dev) if allowed is not None else None, device=dev)
+        return res.values, res.indices
+
     def rank_indices(self, histories: Sequence[Sequence[int]], k: int, exclude_seen: bool = True,
                      allowed: Optional[torch.Tensor] = None, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch of index histories (1-based): (scores [b, k], item columns [b, k]); -inf = no item."""
@@ -174,15 +193,8 @@ class Recommender:
             raise DataError(f"--k {k} is larger than the catalog ({self.num_items} items)")
         allowed = allowed.to(self.device) if allowed is not None else None
         for s in range(0, len(histories), batch_size):
-            rows = histories[s : s + batch_size]
-            items = _pad([r[-self.max_history:] for r in rows]).to(self.device)
-            lengths = torch.tensor([max(1, min(len(r), self.max_history)) for r in rows], device=self.device)
-            seen = _pad(rows).to(self.device) if exclude_seen else None
-            h = last_hidden(self.net, items, lengths)
-            chunk = chunk_for_budget(len(rows), self.score_memory_mb, self.num_items, device=self.device)
-            res = rank_catalog(HiddenScorer(self.net, h), len(rows), self.num_items, k, chunk,
-                               seen=seen, allowed=allowed, device=self.device)
-            yield res.values.cpu(), res.indices.cpu()
+            v, i = self.rank_batch(self.batch_tensors(histories[s : s + batch_size], exclude_seen), k, allowed)
+            yield v.cpu(), i.cpu()
 
     def recommend(self, histories, k: int = 20, exclude_seen: bool = True, allow=None, deny=None,
                   where: Optional[str] = None, batch_size: int = 256, users: Optional[Sequence] = None):
