@@ -140,7 +140,7 @@ def _block_candidates(s: torch.Tensor, floor: torch.Tensor, cap: int):
     Why: over a random stream of N scores a row's running k-th best is beaten ~k(1 + ln(N/k))
     times in all, so after the first chunk almost every block is skipped."""
     B, c = s.shape
-    blocks = s.view(B, c // BLOCK, BLOCK)
+    blocks = s.reshape(B, c // BLOCK, BLOCK)  # a view for the (contiguous) scores of a linear layer
     q = blocks.amax(2) > floor.unsqueeze(1)
     rb = q.nonzero()
     if len(rb) == 0:
