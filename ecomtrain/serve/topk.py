@@ -116,7 +116,6 @@ def _chunk_top(sub: torch.Tensor, kk: int, floor: torch.Tensor) -> tuple[torch.T
     return _order_ties(cv, ci)
 
 
-
 def _merge(top_v, top_i, rows, cv, ci, k):
     """Merge candidates (value desc, ties by column asc; all columns above the old ones) into the
     running top-k of ``rows`` (None = every row). Old entries come first and have smaller columns,
@@ -163,6 +162,7 @@ def _block_candidates(s: torch.Tensor, floor: torch.Tensor, cap: int):
     # candidates are in column order; sort by value (stable) for the merge
     cv, p = torch.sort(cv, dim=1, descending=True, stable=True)
     return rows, cv, ci.gather(1, p)
+
 
 def rank_catalog(
     scorer: Scorer,
