@@ -12,6 +12,10 @@ For two top-K lists A and B of one user (item columns, best first):
   vs the full history: ``consistency/channel/app~web/jaccard@10``, ``.../app~all/...``;
 - time: the list at the history end vs the list after the next (held-out) event is appended, the new
   item excluded from both: ``consistency/time/jaccard@10``;
+- days (temporal splits): the list from the user's events up to the end of day d vs up to the end of
+  day d+1, where d+1 is the (UTC) day of the user's latest known event (the held-out one), the items
+  of both days excluded from both lists: ``consistency/day/jaccard@10`` (users with an event before
+  day d+1 only);
 - runs: two checkpoints (or seeds) on the same users: ``consistency/runs/jaccard@10`` (churn = 1 - it).
 
 All lists exclude the user's full history (what a shop would show). Sums and counts are torchmetrics
@@ -81,8 +85,8 @@ class ConsistencyMetric(Metric):
         return out
 
 
-def comparison_names(channels: Sequence[str]) -> list[str]:
-    names = ["consistency/time"]
+def comparison_names(channels: Sequence[str], days: bool = False) -> list[str]:
+    names = ["consistency/time"] + (["consistency/day"] if days else [])
     for i, a in enumerate(channels):
         names.append(f"consistency/channel/{a}~all")
         for b in channels[i + 1:]:
@@ -99,9 +103,31 @@ def _pad(rows: list[list[int]]) -> torch.Tensor:
     return out
 
 
+DAY = 86400
+# timestamps are epoch seconds or milliseconds (whatever the source held, data/importers._ts_expr):
+# milliseconds exceed 1e11 for any date after 1973-03; seconds stay below it until the year 5138
+_MS_ABOVE = 10**11
+
+
+def day_of(ts: torch.Tensor) -> torch.Tensor:
+    """UTC day number of epoch-second (or -millisecond) timestamps."""
+    return torch.where(ts > _MS_ABOVE, torch.div(ts, DAY * 1000, rounding_mode="floor"), torch.div(ts, DAY, rounding_mode="floor"))
+
+
+def day_histories(seen: torch.Tensor, ts: torch.Tensor, target_ts: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """For each row: the history events on (UTC) days before the target's day, i.e. what the user
+    had done by the end of day d when the target falls on day d+1. Returns (rows that have such an
+    event, their day-d histories)."""
+    before = (seen > 0) & (day_of(ts) < day_of(target_ts).unsqueeze(1))
+    rows = before.any(1).nonzero().squeeze(1)
+    hist = [[i for i, b in zip(s, m) if b] for s, m in zip(seen[rows].tolist(), before[rows].tolist())]
+    return rows, hist
+
+
 def update_from_batch(metric: ConsistencyMetric, top_lists, batch: dict, channels: Sequence[str], max_history: int,
-                      weight: Optional[torch.Tensor] = None) -> None:
-    """Channel and time consistency for an eval batch.
+                      weight: Optional[torch.Tensor] = None, days: bool = False) -> None:
+    """Channel, time and (``days``: temporal splits, batches with ``ts``/``target_ts``) day consistency
+    for an eval batch.
 
     ``top_lists(items [B,T], seen [B,S]) -> RankResult`` ranks the catalog for right-padded histories
     excluding ``seen`` (the caller binds the model and the chunked ranking routine).
@@ -115,6 +141,14 @@ def update_from_batch(metric: ConsistencyMetric, top_lists, batch: dict, channel
     now = top_lists(_pad([h[-max_history:] for h in hist]).to(dev), excl)
     nxt = top_lists(_pad([(h + [t])[-max_history:] for h, t in zip(hist, target.tolist())]).to(dev), excl)
     metric.update("consistency/time", _valid(now), _valid(nxt), w)
+    if days and "ts" in batch and "target_ts" in batch:
+        # end of day d+1 = the history plus the held-out event (``nxt``); end of day d = the events
+        # before the held-out event's day. Users without an earlier-day event have no day-d list.
+        rows, prev = day_histories(seen, batch["ts"], batch["target_ts"])
+        if len(rows):
+            rows = rows.to(dev)
+            before = top_lists(_pad([h[-max_history:] for h in prev]).to(dev), excl[rows])
+            metric.update("consistency/day", _valid(before), _valid(nxt)[rows], w[rows])
     if "channels" not in batch or len(channels) < 2:
         return
     ch = batch["channels"].tolist()

@@ -3,8 +3,9 @@
     ecomtrain recommend runs/quickstart-... --split test --k 20 --out recs.parquet
     ecomtrain recommend exported/ --histories users.csv --deny out_of_stock.txt --filter in_stock --out recs.csv
 
-Every input is checked before the model is loaded; the output is written by this one process to a
-temporary file next to ``--out`` and renamed when complete, so a failure never leaves a partial file.
+Every input is checked before the model is loaded; the output is written by this one process (with
+``--devices N``: by rank 0, after the ranks' lists are gathered; serve/predict.py) to a temporary file
+next to ``--out`` and renamed when complete, so a failure never leaves a partial file.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def add_parser(sub) -> None:
     r.add_argument("--ckpt", default="last", help="for a run folder: last (default), best, or a path")
     r.add_argument("--data", help="built dataset folder for --split (default: the run's data.path)")
     r.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    r.add_argument("--devices", type=int, default=1,
+                   help="processes (CPU, gloo) or GPUs (nccl) per node scoring shares of the users through Lightning's "
+                        "predict loop; rank 0 writes the one output file (default 1: this process alone). Under torchrun: "
+                        "the --nproc_per_node value")
+    r.add_argument("--num-nodes", type=int, default=1, help="nodes for --devices (under torchrun/Slurm; default 1)")
     r.set_defaults(fn=run)
 
 
@@ -76,6 +82,8 @@ def run(a: argparse.Namespace) -> int:
         raise DataError(f"--out {out}: folder {out.parent} does not exist")
     if a.k <= 0 or a.batch_size <= 0:
         raise DataError(f"--k and --batch-size must be positive (got {a.k}, {a.batch_size})")
+    if a.devices <= 0 or a.num_nodes <= 0:
+        raise DataError(f"--devices and --num-nodes must be positive (got {a.devices}, {a.num_nodes})")
     users = hist = None
     if a.histories:
         users, hist = read_histories(a.histories)  # columns checked before the model loads
@@ -108,7 +116,18 @@ def run(a: argparse.Namespace) -> int:
             print(f"note: {n_unknown} unknown item id(s) ignored (e.g. {examples}); "
                   f"{len(idx) - len(keep)} user(s) without a known item skipped", file=sys.stderr)
         users, idx = [users[j] for j in keep], [idx[j] for j in keep]
-    df = rec.frame(users, idx, a.k, not a.include_seen, mask, a.batch_size)
+    if a.devices * a.num_nodes > 1:
+        from .predict import predict_lists
+
+        if a.k > rec.num_items:
+            raise DataError(f"--k {a.k} is larger than the catalog ({rec.num_items} items)")
+        accel = "cuda" if rec.device.type == "cuda" else "cpu"
+        zero, result = predict_lists(rec, idx, a.k, not a.include_seen, mask, a.batch_size, a.devices, a.num_nodes, accel)
+        if not zero:
+            return 0  # rank 0 writes the file
+        df = rec.to_frame(users, *result)
+    else:
+        df = rec.frame(users, idx, a.k, not a.include_seen, mask, a.batch_size)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:

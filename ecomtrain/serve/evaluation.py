@@ -24,7 +24,7 @@ from .topk import HiddenScorer, VectorScorer, chunk_for_budget, last_hidden, ran
 class EvalSuite(nn.Module):
     def __init__(self, ev, num_items: int, max_history: int, popularity: torch.Tensor, stage: str,
                  category: Optional[torch.Tensor] = None, channels: Sequence[str] = (), titles: Optional[list] = None,
-                 cold: Optional[torch.Tensor] = None):
+                 cold: Optional[torch.Tensor] = None, days: bool = False):
         super().__init__()
         self.ev, self.num_items, self.max_history, self.stage = ev, num_items, max_history, stage
         self.ks = tuple(ev.ks)
@@ -39,7 +39,9 @@ class EvalSuite(nn.Module):
         self.by_pop = nn.ModuleList([RankingMetrics(self.ks, report_count=True) for _ in POP_BUCKETS]) if ev.beyond_accuracy else None
         self.by_user = nn.ModuleList([RankingMetrics(self.ks, report_count=True) for _ in USER_BUCKETS]) if ev.beyond_accuracy else None
         self.channels = list(channels)
-        self.cons = ConsistencyMetric(comparison_names(self.channels), ev.consistency_k) if (stage == "test" and ev.consistency) else None
+        # days: consecutive-day consistency, for datasets built with the global temporal split
+        self.days = days
+        self.cons = ConsistencyMetric(comparison_names(self.channels, days), ev.consistency_k) if (stage == "test" and ev.consistency) else None
         self.titles = titles
         self.samples: list[list] = []
 
@@ -53,7 +55,7 @@ class EvalSuite(nn.Module):
         B, N = len(target), self.num_items
         w = batch.get("weight")
         w = torch.ones(B, device=target.device) if w is None else w
-        chunk = chunk_for_budget(B, self.ev.score_memory_mb, N)
+        chunk = chunk_for_budget(B, self.ev.score_memory_mb, N, device=target.device)
         kmax = max([*self.ks, self.ev.consistency_k, 10])
         scorer = HiddenScorer(net, last_hidden(net, batch["items"], batch["lengths"], batch.get("side")))
         excl = rank_catalog(scorer, B, N, kmax, chunk, seen=seen, target=target)
@@ -78,9 +80,9 @@ class EvalSuite(nn.Module):
             def top_lists(items: torch.Tensor, excl_seen: torch.Tensor):
                 lengths = (items > 0).sum(1).clamp(min=1)
                 sc = HiddenScorer(net, last_hidden(net, items, lengths))
-                return rank_catalog(sc, len(items), N, self.ev.consistency_k, chunk_for_budget(len(items), self.ev.score_memory_mb, N), seen=excl_seen, device=items.device)
+                return rank_catalog(sc, len(items), N, self.ev.consistency_k, chunk_for_budget(len(items), self.ev.score_memory_mb, N, device=items.device), seen=excl_seen, device=items.device)
 
-            update_from_batch(self.cons, top_lists, batch, self.channels, self.max_history, w)
+            update_from_batch(self.cons, top_lists, batch, self.channels, self.max_history, w, days=self.days)
         need = self.ev.sample_users - len(self.samples)
         for r in range(min(need, B)):
             if float(w[r]) == 0:

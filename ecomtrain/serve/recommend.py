@@ -166,7 +166,26 @@ class Recommender:
         return mask
 
     # ------------------------------------------------------------------ ranking
+    def batch_tensors(self, rows: Sequence[Sequence[int]], exclude_seen: bool = True) -> dict:
+        """One batch of index histories (1-based) -> model input (the last ``max_history`` items,
+        right-padded), lengths, and the whole history to exclude (None with ``exclude_seen`` off)."""
+        return {"items": _pad([r[-self.max_history:] for r in rows]),
+                "lengths": torch.tensor([max(1, min(len(r), self.max_history)) for r in rows]),
+                "seen": _pad(rows) if exclude_seen else None}
+
     @torch.no_grad()
+    def rank_batch(self, batch: dict, k: int, allowed: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [b, k], item columns [b, k]) of a ``batch_tensors`` batch, on the model's device;
+        -inf = no item. The one scoring step of ``rank_indices`` and of the multi-process predict loop."""
+        dev = next(self.net.parameters()).device
+        items, lengths = batch["items"].to(dev), batch["lengths"].to(dev)
+        seen = batch["seen"].to(dev) if batch.get("seen") is not None else None
+        h = last_hidden(self.net, items, lengths)
+        chunk = chunk_for_budget(len(items), self.score_memory_mb, self.num_items, device=dev)
+        res = rank_catalog(HiddenScorer(self.net, h), len(items), self.num_items, k, chunk, seen=seen,
+                           allowed=allowed.to(dev) if allowed is not None else None, device=dev)
+        return res.values, res.indices
+
     def rank_indices(self, histories: Sequence[Sequence[int]], k: int, exclude_seen: bool = True,
                      allowed: Optional[torch.Tensor] = None, batch_size: int = 256) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Per batch of index histories (1-based): (scores [b, k], item columns [b, k]); -inf = no item."""
@@ -174,15 +193,8 @@ class Recommender:
             raise DataError(f"--k {k} is larger than the catalog ({self.num_items} items)")
         allowed = allowed.to(self.device) if allowed is not None else None
         for s in range(0, len(histories), batch_size):
-            rows = histories[s : s + batch_size]
-            items = _pad([r[-self.max_history:] for r in rows]).to(self.device)
-            lengths = torch.tensor([max(1, min(len(r), self.max_history)) for r in rows], device=self.device)
-            seen = _pad(rows).to(self.device) if exclude_seen else None
-            h = last_hidden(self.net, items, lengths)
-            chunk = chunk_for_budget(len(rows), self.score_memory_mb, self.num_items)
-            res = rank_catalog(HiddenScorer(self.net, h), len(rows), self.num_items, k, chunk,
-                               seen=seen, allowed=allowed, device=self.device)
-            yield res.values.cpu(), res.indices.cpu()
+            v, i = self.rank_batch(self.batch_tensors(histories[s : s + batch_size], exclude_seen), k, allowed)
+            yield v.cpu(), i.cpu()
 
     def recommend(self, histories, k: int = 20, exclude_seen: bool = True, allow=None, deny=None,
                   where: Optional[str] = None, batch_size: int = 256, users: Optional[Sequence] = None):
@@ -211,23 +223,32 @@ class Recommender:
         """Top-k DataFrame for users whose histories are already item indices (1-based)."""
         import polars as pl
 
-        cols: dict[str, list] = {"user": [], "rank": [], "item": [], "score": []}
-        titles = [] if self.titles is not None else None
-        pos = 0
-        for vals, inds in self.rank_indices(idx, k, exclude_seen, allowed, batch_size):
-            for v, ind in zip(vals.tolist(), inds.tolist()):
-                u = users[pos]
-                pos += 1
-                for r, (s, j) in enumerate(((s, j) for s, j in zip(v, ind) if s != float("-inf")), start=1):
-                    cols["user"].append(u)
-                    cols["rank"].append(r)
-                    cols["item"].append(self.item_ids[j])
-                    cols["score"].append(s)
-                    if titles is not None:
-                        titles.append(self.titles[j])
-        if titles is not None:
-            cols["title"] = titles
-        return pl.DataFrame(cols, schema_overrides={"rank": pl.Int32, "score": pl.Float32})
+        vals, inds = [], []
+        for v, i in self.rank_indices(idx, k, exclude_seen, allowed, batch_size):
+            vals.append(v)
+            inds.append(i)
+        return self.to_frame(users, torch.cat(vals) if vals else torch.empty(0, k), torch.cat(inds) if inds else torch.empty(0, k, dtype=torch.long))
+
+    def to_frame(self, users: Sequence, values: torch.Tensor, indices: torch.Tensor):
+        """[U, k] scores and item columns (-inf = no item; they sort last) -> ``user, rank, item,
+        score[, title]``, built column-wise (no per-row Python loop: 100 k users x 20 = 2 M rows)."""
+        import numpy as np
+        import polars as pl
+
+        v, i = values.float().numpy(), indices.numpy()
+        n, k = v.shape
+        keep = np.isfinite(v).ravel()
+        pos = np.repeat(np.arange(n), k)[keep]
+        col = i.ravel()[keep]
+        cols = {
+            "user": pl.Series("user", list(users)).gather(pos),
+            "rank": pl.Series("rank", np.tile(np.arange(1, k + 1, dtype=np.int32), n)[keep]),
+            "item": self.catalog["item"].gather(col),
+            "score": pl.Series("score", v.ravel()[keep], dtype=pl.Float32),
+        }
+        if self.titles is not None:
+            cols["title"] = self.catalog["title"].cast(pl.Utf8).gather(col)
+        return pl.DataFrame(cols)
 
 
 def frame_histories(df) -> tuple[list, list[list]]:

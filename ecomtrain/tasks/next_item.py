@@ -173,6 +173,9 @@ class NextItemTask(Task):
             "seen": _pad([s["items"] for s in samples]),
             # aligned with "seen" (indices into manifest["channels"]); used by consistency metrics
             "channels": _pad([s.get("channels") or [0] * len(s["items"]) for s in samples]),
+            # aligned with "seen" too: consecutive-day consistency on temporal splits
+            "ts": _pad([s.get("ts") or [0] * len(s["items"]) for s in samples]),
+            "target_ts": torch.tensor([int(s.get("target_ts") or 0) for s in samples], dtype=torch.long),
         }
         side = _side(samples, [(max(0, k - self.max_history), k) for k in n], self.flags)
         if side:
@@ -247,7 +250,8 @@ class NextItemEvaluator(nn.Module):
         self.suite = EvalSuite(ctx.eval_cfg, ctx.num_items, ctx.max_history, counts, stage,
                                torch.tensor(cat, dtype=torch.long) if cat is not None else None,
                                ctx.manifest.get("channels") or [], ctx.catalog.get("titles"),
-                               cold=torch.tensor(ctx.catalog["cold"], dtype=torch.bool) if ctx.catalog.get("cold") is not None else None)
+                               cold=torch.tensor(ctx.catalog["cold"], dtype=torch.bool) if ctx.catalog.get("cold") is not None else None,
+                               days=(ctx.manifest.get("split") or {}).get("method") == "temporal")
         self.register_buffer("popularity", counts, persistent=False)
 
     @torch.no_grad()

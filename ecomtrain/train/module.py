@@ -20,7 +20,7 @@ from ..model.backbone import ItemLM, build_causal_lm
 from ..tasks.base import Task, build_tasks, sub_batch, subtasks
 
 #: manifest fields a module needs to rebuild its tasks from a checkpoint (saved in hparams)
-_META = ("num_items", "event_types", "channels", "sample_fields", "source")
+_META = ("num_items", "event_types", "channels", "sample_fields", "source", "split")  # split: temporal -> day consistency
 
 
 def make_task(cfg: Recipe, manifest, item_counts: Optional[list[int]] = None, catalog: Optional[dict] = None) -> Task:
