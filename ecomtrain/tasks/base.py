@@ -43,6 +43,12 @@ class TaskContext:
     inputs: dict = field(default_factory=dict)  # model.inputs flags: event_types, channels, time_gaps
     eval_cfg: Any = None  # the recipe's EvalConfig (evaluators read their knobs from it)
     catalog: dict = field(default_factory=dict)  # optional per-item extras: 'category' codes, 'titles', 'cold' flags (index j = item j+1)
+    # text prompts (task.input: text; tasks/prompts.py): the backbone folder whose tokenizer renders them, the
+    # tokenizer once loaded (shared by the tasks of a run) and its context, tokens kept per item text
+    pretrained: Optional[str] = None
+    tokenizer: Any = None
+    context: int = 0
+    text_max_length: int = 64
 
 
 def stable_hash(text: Any) -> int:
@@ -112,6 +118,8 @@ class Task:
     @staticmethod
     def batch_tokens(batch: dict) -> tuple[int, int, int]:
         """(samples, real input tokens, slots) of a training batch, for throughput figures."""
+        if "ids" in batch:  # text prompts: one row per (sample, candidate)
+            return len(batch["ids"]), int(batch["mask"].sum()), int(batch["mask"].numel())
         items = batch["items"]
         real = items > 0
         pos = batch.get("position_ids")
@@ -120,7 +128,7 @@ class Task:
 
     @staticmethod
     def batch_size(batch: dict) -> int:
-        return len(batch["items"])
+        return len(batch["group"] if "ids" in batch and "group" in batch else batch.get("items", batch.get("ids")))
 
     # -- model selection
     @classmethod
@@ -212,6 +220,7 @@ def build_tasks(cfg, manifest: dict, item_counts: Optional[list[int]] = None, ca
         ks=tuple(cfg.eval.ks), exclude_seen=cfg.eval.exclude_seen, packing=cfg.data.packing, seed=cfg.run.seed,
         data_path=str(cfg.data.path), inputs=cfg.model.inputs.model_dump(), eval_cfg=cfg.eval,
         catalog={k: v for k, v in (catalog or {}).items() if v is not None},
+        pretrained=cfg.model.backbone.pretrained, text_max_length=cfg.data.item_text.max_length,
     )
     tasks = [task_class(tc.name)(tc, ctx) for tc in cfg.task]
     out = tasks[0] if len(tasks) == 1 else MultiTask(tasks)

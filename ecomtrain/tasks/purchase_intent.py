@@ -48,6 +48,14 @@ class PurchaseIntentTask(Task):
         self.flags = dict(ctx.inputs)
         self.mode = cfg.head  # resolved against the tokenizer in make_head
         self._rates: Optional[torch.Tensor] = None
+        self.text = getattr(cfg, "input", "items") == "text"
+        if self.text:  # TALLRec in text: history + candidate as words, answered by logit(yes) - logit(no)
+            from .prompts import builder_for, single_token_ids
+
+            self.mode = "yes_no"
+            self.prompts = builder_for(self, cfg.prompt)
+            self.answer = torch.tensor(single_token_ids(self.prompts.tok, cfg.answer_tokens, "task.answer_tokens",
+                                                        ctx.pretrained or "the backbone"))
 
     def check_dataset(self, manifest: dict) -> None:
         super().check_dataset(manifest)
@@ -108,6 +116,8 @@ class PurchaseIntentTask(Task):
 
     def _rows(self, samples: list[dict], train: bool) -> dict:
         """Rows history + [candidate] (yes_no head, train and eval; binary head, eval)."""
+        if self.text:
+            return self._text_rows(samples, train)
         L = self.max_history
         hist, bounds, cands, labels, valid, prev = [], [], [], [], [], []
         for s in samples:
@@ -138,8 +148,33 @@ class PurchaseIntentTask(Task):
     def collate_eval(self, samples: list[dict]) -> dict:
         return self._rows(samples, train=False)
 
+    def _text_rows(self, samples: list[dict], train: bool) -> dict:
+        """One prompt per (sample, candidate): the most recent history steps as words, then the candidate.
+        Train: the window's last step is the candidate (as in item-token mode); eval: the split's target."""
+        from .prompts import pad_rows
+
+        P = self.prompts
+        rows, cands, labels, valid = [], [], [], []
+        for s in samples:
+            n = len(s["items"])
+            end = n - 1 if train else n
+            t = s if not train else {"items": s["items"][:end], "target": s["items"][end], "user": s.get("user", ""),
+                                     "target_event": (s.get("events") or [-1] * n)[end]}
+            c, y, v = self._eval_candidates(t)
+            for item in c:
+                rows.append(P.prompt(s, max(0, end - self.max_history), end, P.question_ids(candidate=item))[0])
+            cands.append(c)
+            labels.append(y)
+            valid.append(v)
+        ids, mask = pad_rows(rows, P.tok.pad_token_id)
+        return {"ids": ids, "mask": mask, "last": mask.sum(1) - 1, "cands": torch.tensor(cands, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.float32), "valid": torch.tensor(valid, dtype=torch.bool),
+                "group": torch.tensor([user_key(s.get("user", "")) for s in samples], dtype=torch.long)}
+
     # -- model
     def make_head(self, net) -> Optional[nn.Module]:
+        if self.text:
+            return None  # the LM head answers (self.answer): nothing of the task's own trains
         tok = getattr(net, "tokenizer", None)
         if self.mode == "auto":
             self.mode = "yes_no" if tok is not None else "binary"
@@ -163,6 +198,13 @@ class PurchaseIntentTask(Task):
 
     def _scores(self, net, head, batch: dict) -> torch.Tensor:
         """Logits [B, C] of each row's candidates after the whole history."""
+        if "ids" in batch:  # text prompts: logit(yes) - logit(no) at the answer position
+            from .prompts import lm_hidden, lm_logits
+
+            h = lm_hidden(net, batch["ids"], batch["mask"])
+            h = h[torch.arange(len(h), device=h.device), batch["last"]]
+            l = lm_logits(net, h)[:, self.answer.to(h.device)].float()
+            return (l[:, 0] - l[:, 1]).view(batch["cands"].shape)
         items, lengths, cands = batch["items"], batch["lengths"], batch["cands"]
         B, C = cands.shape
         if isinstance(head, YesNoHead):
