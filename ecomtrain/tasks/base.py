@@ -130,14 +130,41 @@ class Task:
     def batch_size(batch: dict) -> int:
         return len(batch["group"] if "ids" in batch and "group" in batch else batch.get("items", batch.get("ids")))
 
-    # -- model selection
+    # -- model selection: a task lists its validation metrics (``val_names``) and the one that selects
+    # checkpoints (``monitor_metric``, mode), or overrides these two (next_item: names depend on eval.ks)
+    val_names: tuple[str, ...] = ()
+    monitor_metric: Optional[tuple[str, str]] = None
+
     @classmethod
     def val_metrics(cls, ks: Sequence[int]) -> list[str]:
-        raise NotImplementedError
+        if not cls.val_names:
+            raise NotImplementedError
+        return [f"val/{cls.prefix}{m}" for m in cls.val_names]
 
     @classmethod
     def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
-        raise NotImplementedError
+        if cls.monitor_metric is None:
+            raise NotImplementedError
+        return f"val/{cls.prefix}{cls.monitor_metric[0]}", cls.monitor_metric[1]
+
+
+class TaskEvaluator(nn.Module):
+    """Scaffolding of a task's evaluator: metric names ``{stage}/{prefix}{metric}`` and
+    ``baseline/{name}/{stage}/{prefix}{metric}``, and ``reset()`` of every torchmetrics child."""
+
+    def __init__(self, task: Task, stage: str):
+        super().__init__()
+        self.task, self.stage = task, stage
+
+    def named(self, values: dict, baseline: Optional[str] = None, keep: Optional[Sequence[str]] = None) -> dict:
+        head = f"{self.stage}/{self.task.prefix}" if baseline is None else f"baseline/{baseline}/{self.stage}/{self.task.prefix}"
+        return {f"{head}{k}": v for k, v in values.items() if keep is None or k in keep}
+
+    def reset(self) -> None:
+        for m in self.children():  # the metrics (a ModuleList of them too: rating's bias grid)
+            for x in (m if isinstance(m, nn.ModuleList) else [m]):
+                if hasattr(x, "reset"):
+                    x.reset()
 
 
 def _peek_fields(data_path: str, manifest: dict) -> Optional[list[str]]:

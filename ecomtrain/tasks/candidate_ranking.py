@@ -16,7 +16,7 @@ ties); baselines: random order (HR@1 = 1/K exactly, ties) and popularity.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -27,13 +27,15 @@ from torchmetrics import MeanMetric
 
 from ..metrics import RankingMetrics
 from . import register_task
-from .base import Task, pad
+from .base import Task, TaskEvaluator, pad
 from .common import NegativeSampler, rng_for, side_batch
 
 
 @register_task("candidate_ranking")
 class CandidateRankingTask(Task):
     prefix = "candidate_ranking/"
+    val_names = ("hr@1", "mrr")
+    monitor_metric = ("mrr", "max")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -219,19 +221,11 @@ class CandidateRankingTask(Task):
     def evaluator(self, stage: str) -> nn.Module:
         return CandidateEvaluator(self, stage)
 
-    @classmethod
-    def val_metrics(cls, ks: Sequence[int]) -> list[str]:
-        return [f"val/{cls.prefix}hr@1", f"val/{cls.prefix}mrr"]
-
-    @classmethod
-    def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
-        return f"val/{cls.prefix}mrr", "max"
 
 
-class CandidateEvaluator(nn.Module):
+class CandidateEvaluator(TaskEvaluator):
     def __init__(self, task: CandidateRankingTask, stage: str):
-        super().__init__()
-        self.task, self.stage = task, stage
+        super().__init__(task, stage)
         ks = sorted({1, task.K})
         self.model, self.random, self.pop = RankingMetrics(ks), RankingMetrics(ks), RankingMetrics(ks)
         self.gen = task.text and task.generative
@@ -252,15 +246,10 @@ class CandidateEvaluator(nn.Module):
         self.pop.update(self.popularity[batch["cands"] - 1], target, w)
 
     def compute(self) -> dict:
-        st, px, K = self.stage, self.task.prefix, self.task.K
-        keep = ("hr@1", f"ndcg@{K}", "mrr")
-        out = {f"{st}/{px}{k}": v for k, v in self.model.compute().items() if k in keep}
+        keep = ("hr@1", f"ndcg@{self.task.K}", "mrr")
+        out = self.named(self.model.compute(), keep=keep)
         for name, m in (("random", self.random), ("popularity", self.pop)):
-            out.update({f"baseline/{name}/{st}/{px}{k}": v for k, v in m.compute().items() if k in keep})
+            out.update(self.named(m.compute(), name, keep))
         if self.gen:
-            out[f"{st}/{px}valid_ratio"] = self.valid.compute()
+            out.update(self.named({"valid_ratio": self.valid.compute()}))
         return out
-
-    def reset(self) -> None:
-        for m in (self.model, self.random, self.pop, *([self.valid] if self.gen else [])):
-            m.reset()

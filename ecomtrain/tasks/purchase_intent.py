@@ -19,7 +19,7 @@ Baselines (fitted on the training windows): the item's purchase rate among its i
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import nn
 from ..config import RecipeError
 from ..metrics_pointwise import BinaryMetrics
 from . import register_task
-from .base import Task, pad
+from .base import Task, TaskEvaluator, pad
 from .common import NegativeSampler, PairHead, history_codes, iter_train_samples, prev_code, rng_for, side_batch, user_key
 
 
@@ -36,6 +36,8 @@ from .common import NegativeSampler, PairHead, history_codes, iter_train_samples
 class PurchaseIntentTask(Task):
     prefix = "purchase_intent/"
     requires = ("events",)
+    val_names = ("auc", "gauc", "logloss", "ece")
+    monitor_metric = ("auc", "max")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -251,13 +253,6 @@ class PurchaseIntentTask(Task):
     def evaluator(self, stage: str) -> nn.Module:
         return PurchaseEvaluator(self, stage)
 
-    @classmethod
-    def val_metrics(cls, ks: Sequence[int]) -> list[str]:
-        return [f"val/{cls.prefix}{m}" for m in ("auc", "gauc", "logloss", "ece")]
-
-    @classmethod
-    def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
-        return f"val/{cls.prefix}auc", "max"
 
 
 def raise_data(task: Task, what: str, manifest: dict, why: str):
@@ -281,10 +276,9 @@ class YesNoHead(nn.Module):
         return (l[..., 0] - l[..., 1]).float()
 
 
-class PurchaseEvaluator(nn.Module):
+class PurchaseEvaluator(TaskEvaluator):
     def __init__(self, task: PurchaseIntentTask, stage: str):
-        super().__init__()
-        self.task, self.stage = task, stage
+        super().__init__(task, stage)
         self.model = BinaryMetrics(task.cfg.ece_bins)
         self.rate = BinaryMetrics(task.cfg.ece_bins)
         self.pop = BinaryMetrics(probabilities=False)
@@ -302,12 +296,7 @@ class PurchaseEvaluator(nn.Module):
         self.pop.update(self.popularity[cands], y, g, keep)
 
     def compute(self) -> dict:
-        st, px = self.stage, self.task.prefix
-        out = {f"{st}/{px}{k}": v for k, v in self.model.compute().items()}
+        out = self.named(self.model.compute())
         for name, m in (("item_purchase_rate", self.rate), ("popularity", self.pop)):
-            out.update({f"baseline/{name}/{st}/{px}{k}": v for k, v in m.compute().items() if k != "positive_rate"})
+            out.update(self.named({k: v for k, v in m.compute().items() if k != "positive_rate"}, name))
         return out
-
-    def reset(self) -> None:
-        for m in (self.model, self.rate, self.pop):
-            m.reset()

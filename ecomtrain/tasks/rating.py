@@ -20,7 +20,7 @@ b_u = sum(r - mu - b_i) / (lam_u + n_u) over the user's history; reported at the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ from torch import nn
 
 from ..metrics_pointwise import RegressionMetrics
 from . import register_task
-from .base import Task, pad
+from .base import Task, TaskEvaluator, pad
 from .common import PairHead, history_codes, iter_train_samples, prev_code, side_batch
 
 LAMBDAS = (1.0, 3.0, 10.0, 25.0)
@@ -45,6 +45,8 @@ def _chan(channels, t: int) -> int:
 class RatingTask(Task):
     prefix = "rating/"
     requires = ("ratings",)
+    val_names = ("rmse", "mae")
+    monitor_metric = ("rmse", "min")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -223,13 +225,6 @@ class RatingTask(Task):
     def evaluator(self, stage: str) -> nn.Module:
         return RatingEvaluator(self, stage)
 
-    @classmethod
-    def val_metrics(cls, ks: Sequence[int]) -> list[str]:
-        return [f"val/{cls.prefix}rmse", f"val/{cls.prefix}mae"]
-
-    @classmethod
-    def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
-        return f"val/{cls.prefix}rmse", "min"
 
 
 class RatingHead(nn.Module):
@@ -248,10 +243,9 @@ class RatingHead(nn.Module):
         return self.pair(h, e, prev).float()  # the residual over the bias model (batch['base'])
 
 
-class RatingEvaluator(nn.Module):
+class RatingEvaluator(TaskEvaluator):
     def __init__(self, task: RatingTask, stage: str):
-        super().__init__()
-        self.task, self.stage = task, stage
+        super().__init__(task, stage)
         self.model, self.mean = RegressionMetrics(), RegressionMetrics()
         self.bias = nn.ModuleList([RegressionMetrics() for _ in LAMBDAS for _ in LAMBDAS])
 
@@ -277,13 +271,8 @@ class RatingEvaluator(nn.Module):
                 k += 1
 
     def compute(self) -> dict:
-        st, px = self.stage, self.task.prefix
-        out = {f"{st}/{px}{k}": v for k, v in self.model.compute().items()}
-        out.update({f"baseline/global_mean/{st}/{px}{k}": v for k, v in self.mean.compute().items()})
+        out = self.named(self.model.compute())
+        out.update(self.named(self.mean.compute(), "global_mean"))
         best = min((m.compute() for m in self.bias), key=lambda d: float(d["rmse"]))
-        out.update({f"baseline/user_item_bias/{st}/{px}{k}": v for k, v in best.items()})
+        out.update(self.named(best, "user_item_bias"))
         return out
-
-    def reset(self) -> None:
-        for m in (self.model, self.mean, *self.bias):
-            m.reset()
