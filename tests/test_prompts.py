@@ -209,7 +209,7 @@ def test_text_tasks_train_and_report(signal_dataset, backbone, tmp_path):
               "baseline/user_item_bias/test/rating/rmse", "test/candidate_ranking/hr@1", "test/candidate_ranking/ndcg@4"):
         assert math.isfinite(m[k]), k
     assert 0.0 <= m["test/candidate_ranking/valid_ratio"] <= 1.0
-    assert 1.0 <= m["test/rating/mae"] + 1.0 <= 5.0  # expected score over the digits 1..5
+    assert 0.0 <= m["test/rating/mae"] <= 4.0  # predictions are expected scores over the digits 1..5
     logged = (run_dir / "logs" / "metrics.csv").read_text().splitlines()[0]
     assert all(f"train/loss/{n}" in logged for n in ("purchase_intent", "rating", "candidate_ranking"))
 

@@ -7,8 +7,11 @@ its item-token logit after the history (the likelihood the LM gives that item to
 training is a softmax cross-entropy over each step's K candidates (the target + K-1
 negatives drawn per step), at every step of a window.
 
-In ID mode the candidates are scored, not written into the prompt; a text prompt that
-lists them is future work with the language branch (docs/tasks.md).
+In ID mode the candidates are scored, not written into the prompt. With ``input: text`` the
+prompt lists them (seeded random order, ``\n{index}. {title}``); ``text_scoring: likelihood`` ranks
+them by the mean log-likelihood of each one's text (+ end of turn) after the prompt,
+``generative`` decodes an answer greedily and parses it to a candidate (``valid_ratio``: answers
+that name one of the K); training is the target's text after the prompt (teacher forcing).
 
 Metrics over the K candidates: HR@1, NDCG@K and MRR (metrics.RankingMetrics, exact under
 ties); baselines: random order (HR@1 = 1/K exactly, ties) and popularity.

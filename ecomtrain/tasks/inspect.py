@@ -2,7 +2,8 @@
 
 ID mode: each history step as ``item (title) event@channel +gap``, then the task's question
 (next item; the candidates and labels of purchase intent; the rating to predict; the K
-candidates). Text prompts rendered with a chat template come with the language branch.
+candidates). Text mode (``--recipe`` with ``task.input: text``): each sample's prompt decoded from
+the token ids the model reads (chat template included) and how it is answered.
 """
 
 from __future__ import annotations

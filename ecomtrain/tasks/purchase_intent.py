@@ -10,6 +10,9 @@ Training (binary head): one pass over the window; the candidate of step t is sco
 hidden state after step t-1, so every step of every window is a training example.
 Training (yes_no head, TALLRec): rows ``history + [candidate]`` read the LM head's logits of
 the two answer tokens at the candidate: logit = l(yes) - l(no), i.e. P(yes | {yes, no}).
+Text (``input: text``, tasks/prompts.py): one prompt per (sample, candidate) -- the history as
+titles with event / channel / gap words, then "Will the shopper buy <title>? Answer Yes or No."
+-- answered the same way at the prompt's last token.
 Eval: the val/test target (label = its event) plus ``sampled_negatives`` untouched items,
 scored after the whole history; users are GAUC groups.
 

@@ -12,6 +12,10 @@ predicts the residual over a bias model mu + b_i + b_u (lam_i = 5, lam_u = 3, b_
 ratings before the rated step only, so the target never feeds its own offset), trained with MSE at every rated step of a window and
 clipped to [min_rating, max_rating] for evaluation.
 
+Text (``input: text``, tasks/prompts.py): a prompt per rated step asks for the score; the answer
+is the expected value over the answer tokens ("1".."5" by default, one per scale step), trained
+with cross-entropy on the true score's token (one prompt per training sample: its last rated step).
+
 Baselines (fitted on the training windows): the global mean, and the user+item bias model
 mu + b_i + b_u with b_i = sum(r - mu) / (lam_i + n_i) over training ratings and
 b_u = sum(r - mu - b_i) / (lam_u + n_u) over the user's history; reported at the best
