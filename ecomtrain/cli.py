@@ -138,7 +138,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         from .data.build import load_manifest
         from .tasks.inspect import describe
 
-        print("\n".join(describe(a.dir, load_manifest(a.dir), a.task, a.samples)))
+        print("\n".join(describe(a.dir, load_manifest(a.dir), a.task, a.samples, recipe=a.recipe)))
     return rc
 
 
@@ -215,6 +215,7 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--workers", type=int, default=1, help="data loader workers per rank for the --ranks check")
     i.add_argument("--task", default=None, help="also show what this task reads from a few val samples and what it is asked")
     i.add_argument("--samples", type=int, default=3, help="--task: how many samples")
+    i.add_argument("--recipe", default=None, help="--task: take the task's settings from this recipe (text mode: its prompt, rendered with its tokenizer)")
     i.set_defaults(fn=cmd_inspect)
 
     t = sub.add_parser("train", help="train, validate and test a recipe; writes RUN_DIR")

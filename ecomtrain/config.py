@@ -211,6 +211,32 @@ class _TaskBase(_Section):
     weight: float = Field(1.0, gt=0, description="Weight of this task's loss in a multi-task recipe (sum of weight x loss).")
 
 
+class PromptConfig(_Section):
+    """A text-mode task's prompt (``task.input: text``; tasks/prompts.py, docs/tasks.md). Unset templates take
+    the task's default; fields in braces are filled per sample, every piece is tokenised once and assembled."""
+
+    system: Optional[str] = Field(None, description="System message for the chat template (None: the template's own default).")
+    header: Optional[str] = Field(None, description="Text before the history steps (no fields).")
+    step: Optional[str] = Field(
+        None, description="One history step; fields {item} (prompt.item of the step's item), {event}, {channel}, {gap} (', a day later'), {rating} (', rated 4').")
+    question: Optional[str] = Field(
+        None, description="Text after the steps; fields {candidate} (purchase_intent, rating), {candidates} (candidate_ranking), {min}, {max} (rating).")
+    item: str = Field("{title}", description="How an item reads in a prompt: a template over items.parquet columns (as data.item_text.template).")
+    candidate: str = Field("\n{index}. {item}", description="candidate_ranking: one listed candidate; fields {index} (1..K) and {item}.")
+    max_prompt_tokens: int = Field(
+        128, gt=0, description="Token budget of a whole prompt (chat template included); history truncation keeps the most recent steps that fit.")
+    max_steps: int = Field(20, gt=0, description="At most this many (most recent) history steps before the token budget applies.")
+    chat_template: Literal["auto", "on", "off"] = Field(
+        "auto", description="Wrap the prompt in the tokenizer's chat template (auto: when it has one; on: error if it has none).")
+
+
+class _TextTask(_TaskBase):
+    input: Literal["items", "text"] = Field(
+        "items", description="items: item-token rows (ID mode); text: a text prompt rendered from item text and per-step words "
+        "(needs model.backbone.pretrained, i.e. a tokenizer).")
+    prompt: PromptConfig = Field(default_factory=PromptConfig, description="The text prompt (task.input: text).")
+
+
 class NextItemTaskConfig(_TaskBase):
     """Next item over the whole catalog (full-softmax cross-entropy at every position)."""
 
@@ -219,7 +245,7 @@ class NextItemTaskConfig(_TaskBase):
     consistency_weight: float = Field(0.0, ge=0, description="Weight of the time-consistency regulariser: symmetric KL between the item distributions predicted from consecutive prefixes of a user's history (0 = off).")
 
 
-class PurchaseIntentTaskConfig(_TaskBase):
+class PurchaseIntentTaskConfig(_TextTask):
     """Will the user buy this candidate? Labels from the logs (tasks/purchase_intent.py)."""
 
     name: Literal["purchase_intent"] = "purchase_intent"
@@ -237,27 +263,45 @@ class PurchaseIntentTaskConfig(_TaskBase):
     answer_tokens: tuple[str, str] = Field(("Yes", "No"), description="yes_no head: the positive and negative answer; each must be one token.")
     ece_bins: int = Field(15, gt=1, description="Equal-width probability bins of the expected calibration error.")
 
+    @model_validator(mode="after")
+    def _text_head(self) -> "PurchaseIntentTaskConfig":
+        if self.input == "text" and self.head == "binary":
+            raise ValueError("input: text is answered by the LM (head yes_no or auto); head: binary needs input: items")
+        return self
 
-class RatingTaskConfig(_TaskBase):
+
+class RatingTaskConfig(_TextTask):
     """Explicit rating of the next rated item (samples' 'ratings' field; tasks/rating.py)."""
 
     name: Literal["rating"] = "rating"
     min_rating: float = Field(1.0, description="Lowest rating of the scale (predictions are clipped to the scale).")
     max_rating: float = Field(5.0, description="Highest rating of the scale.")
+    answer_tokens: Optional[list[str]] = Field(
+        None, description="input: text: one answer per scale step min_rating, min_rating+1, ..., max_rating (default the digits); each must be one token.")
 
     @model_validator(mode="after")
     def _scale(self) -> "RatingTaskConfig":
         if self.max_rating <= self.min_rating:
             raise ValueError(f"max_rating ({self.max_rating}) must exceed min_rating ({self.min_rating})")
+        if self.input == "text":
+            steps = self.max_rating - self.min_rating
+            if steps != int(steps) or steps > 20:
+                raise ValueError(f"input: text needs an integer scale of at most 21 steps (one answer token per step), got {self.min_rating}..{self.max_rating}")
+            if self.answer_tokens is not None and len(self.answer_tokens) != int(steps) + 1:
+                raise ValueError(f"answer_tokens: {len(self.answer_tokens)} given, the scale {self.min_rating:g}..{self.max_rating:g} has {int(steps) + 1} steps")
         return self
 
 
-class CandidateRankingTaskConfig(_TaskBase):
+class CandidateRankingTaskConfig(_TextTask):
     """LLaRA-style choice among K candidates: the target plus K-1 sampled negatives (tasks/candidate_ranking.py)."""
 
     name: Literal["candidate_ranking"] = "candidate_ranking"
     num_candidates: int = Field(20, ge=2, description="K: candidates per query (the target + K-1 negatives); at most the catalog size.")
     negative_sampling: Literal["uniform", "popularity"] = Field("uniform", description="How the K-1 negatives are drawn (seeded, never the target).")
+    text_scoring: Literal["likelihood", "generative"] = Field(
+        "likelihood", description="input: text: rank the K candidates by the mean log-likelihood of each one's text after the prompt, "
+        "or greedily decode an answer and parse it to a candidate (reports valid_ratio).")
+    max_answer_tokens: int = Field(32, gt=0, description="text_scoring: generative: tokens decoded per answer at most.")
 
 
 TASK_CONFIGS = (NextItemTaskConfig, PurchaseIntentTaskConfig, RatingTaskConfig, CandidateRankingTaskConfig)
@@ -507,6 +551,14 @@ class Recipe(_Section):
         if dup:
             raise ValueError(f"task '{dup[0]}' appears more than once")
         return v
+
+    @model_validator(mode="after")
+    def _text_tasks_need_a_tokenizer(self) -> "Recipe":
+        for i, t in enumerate(self.task):
+            if getattr(t, "input", "items") == "text" and not self.model.backbone.pretrained:
+                where = f"task[{i}]" if len(self.task) > 1 else "task"
+                raise ValueError(f"{where}.input: text needs a tokenizer: set model.backbone.pretrained (a local folder or Hub id)")
+        return self
 
     @property
     def primary_task(self):

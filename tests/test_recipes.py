@@ -15,8 +15,9 @@ from ecomtrain.config import load_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 FILES = sorted(p for p in RECIPES.rglob("*.yaml"))
 NAMED = re.compile(r"^(full|lora|dora|adalora|qlora)_(single|ddp|zero[123])$")
-# recipes/quickstart/<task>_single.yaml: one task per recipe (multi_task: several), method full
-TASK_NAMED = re.compile(r"^(next_item|purchase_intent|rating|candidate_ranking|multi_task)_(single)$")
+# recipes/quickstart/<task>_single.yaml: one task per recipe (multi_task: several), method full;
+# <task>_<method>.yaml (e.g. smollm2-135m/purchase_intent_lora.yaml): one process, that method
+TASK_NAMED = re.compile(r"^(next_item|purchase_intent|rating|candidate_ranking|multi_task)_(single|full|lora|dora|adalora|qlora)$")
 
 
 def test_recipes_exist():
@@ -48,10 +49,10 @@ def test_recipe_validates_and_documents_itself(path: Path):
     t = TASK_NAMED.match(path.stem)
     assert m or t, f"{path}: name must be <method>_<parallelism>.yaml or <task>_single.yaml"
     if t:
-        task, par = t.groups()
+        task, suffix = t.groups()
         assert (len(cfg.task) > 1) if task == "multi_task" else [x.name for x in cfg.task] == [task]
         assert re.search(r"^# Measured:", joined, re.M), f"{path}: no '# Measured:' line"
-        method = "full"
+        method, par = ("full", "single") if suffix == "single" else (suffix, "single")
     else:
         method, par = m.groups()
     assert cfg.finetune.method == method

@@ -97,3 +97,31 @@ def test_tasks_two_processes_match_single_process_eval(tmp_path, signal_data, st
     for k in ("test/purchase_intent/auc", "test/purchase_intent/gauc", "test/purchase_intent/logloss", "test/rating/rmse",
               "baseline/user_item_bias/test/rating/rmse", "test/candidate_ranking/hr@1"):
         assert m[k] == pytest.approx(single[k], abs=1e-5), k
+
+
+@pytest.mark.parametrize("strategy", [["trainer.strategy.name=ddp"],
+                                      ["trainer.strategy.name=deepspeed", "trainer.strategy.zero_stage=2"]], ids=["ddp", "zero2"])
+def test_text_purchase_intent_two_processes_match_single_process(tmp_path, signal_data, strategy):
+    """Text-mode purchase intent (prompts through a chat template, logit(Yes) - logit(No)) on 2 gloo
+    ranks: the AUC / GAUC the run writes equal `ecomtrain eval` of the same checkpoint in one process."""
+    import json
+    import subprocess
+    import sys
+
+    from disthelp import REPO, tiny_recipe, torchrun
+    from test_prompts import corpus_of, save_text_backbone
+
+    backbone = save_text_backbone(tmp_path / "llama", corpus_of(signal_data))
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tmp_path / "r.yaml", signal_data, run_dir, max_steps=4)
+    torchrun(recipe, *strategy, "task={name: purchase_intent, input: text, prompt: {max_prompt_tokens: 96, max_steps: 4}}",
+             f"model.backbone={{pretrained: {backbone}, init_items_from_text: false}}", "data.eval_batch_size=16")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    r = subprocess.run([sys.executable, "-m", "ecomtrain.cli", "eval", str(run_dir)], capture_output=True, text=True,
+                       cwd=str(REPO), env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    single = json.loads(r.stdout[r.stdout.index("{"):])
+    for k in ("test/purchase_intent/auc", "test/purchase_intent/gauc", "test/purchase_intent/logloss",
+              "baseline/item_purchase_rate/test/purchase_intent/auc"):
+        assert m[k] == pytest.approx(single[k], abs=1e-5), k
+    assert 0.0 < m["test/purchase_intent/gauc"] < 1.0

@@ -43,6 +43,12 @@ class TaskContext:
     inputs: dict = field(default_factory=dict)  # model.inputs flags: event_types, channels, time_gaps
     eval_cfg: Any = None  # the recipe's EvalConfig (evaluators read their knobs from it)
     catalog: dict = field(default_factory=dict)  # optional per-item extras: 'category' codes, 'titles', 'cold' flags (index j = item j+1)
+    # text prompts (task.input: text; tasks/prompts.py): the backbone folder whose tokenizer renders them, the
+    # tokenizer once loaded (shared by the tasks of a run) and its context, tokens kept per item text
+    pretrained: Optional[str] = None
+    tokenizer: Any = None
+    context: int = 0
+    text_max_length: int = 64
 
 
 def stable_hash(text: Any) -> int:
@@ -112,6 +118,8 @@ class Task:
     @staticmethod
     def batch_tokens(batch: dict) -> tuple[int, int, int]:
         """(samples, real input tokens, slots) of a training batch, for throughput figures."""
+        if "ids" in batch:  # text prompts: one row per (sample, candidate)
+            return len(batch["ids"]), int(batch["mask"].sum()), int(batch["mask"].numel())
         items = batch["items"]
         real = items > 0
         pos = batch.get("position_ids")
@@ -120,16 +128,43 @@ class Task:
 
     @staticmethod
     def batch_size(batch: dict) -> int:
-        return len(batch["items"])
+        return len(batch["group"] if "ids" in batch and "group" in batch else batch.get("items", batch.get("ids")))
 
-    # -- model selection
+    # -- model selection: a task lists its validation metrics (``val_names``) and the one that selects
+    # checkpoints (``monitor_metric``, mode), or overrides these two (next_item: names depend on eval.ks)
+    val_names: tuple[str, ...] = ()
+    monitor_metric: Optional[tuple[str, str]] = None
+
     @classmethod
     def val_metrics(cls, ks: Sequence[int]) -> list[str]:
-        raise NotImplementedError
+        if not cls.val_names:
+            raise NotImplementedError
+        return [f"val/{cls.prefix}{m}" for m in cls.val_names]
 
     @classmethod
     def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
-        raise NotImplementedError
+        if cls.monitor_metric is None:
+            raise NotImplementedError
+        return f"val/{cls.prefix}{cls.monitor_metric[0]}", cls.monitor_metric[1]
+
+
+class TaskEvaluator(nn.Module):
+    """Scaffolding of a task's evaluator: metric names ``{stage}/{prefix}{metric}`` and
+    ``baseline/{name}/{stage}/{prefix}{metric}``, and ``reset()`` of every torchmetrics child."""
+
+    def __init__(self, task: Task, stage: str):
+        super().__init__()
+        self.task, self.stage = task, stage
+
+    def named(self, values: dict, baseline: Optional[str] = None, keep: Optional[Sequence[str]] = None) -> dict:
+        head = f"{self.stage}/{self.task.prefix}" if baseline is None else f"baseline/{baseline}/{self.stage}/{self.task.prefix}"
+        return {f"{head}{k}": v for k, v in values.items() if keep is None or k in keep}
+
+    def reset(self) -> None:
+        for m in self.children():  # the metrics (a ModuleList of them too: rating's bias grid)
+            for x in (m if isinstance(m, nn.ModuleList) else [m]):
+                if hasattr(x, "reset"):
+                    x.reset()
 
 
 def _peek_fields(data_path: str, manifest: dict) -> Optional[list[str]]:
@@ -212,6 +247,7 @@ def build_tasks(cfg, manifest: dict, item_counts: Optional[list[int]] = None, ca
         ks=tuple(cfg.eval.ks), exclude_seen=cfg.eval.exclude_seen, packing=cfg.data.packing, seed=cfg.run.seed,
         data_path=str(cfg.data.path), inputs=cfg.model.inputs.model_dump(), eval_cfg=cfg.eval,
         catalog={k: v for k, v in (catalog or {}).items() if v is not None},
+        pretrained=cfg.model.backbone.pretrained, text_max_length=cfg.data.item_text.max_length,
     )
     tasks = [task_class(tc.name)(tc, ctx) for tc in cfg.task]
     out = tasks[0] if len(tasks) == 1 else MultiTask(tasks)

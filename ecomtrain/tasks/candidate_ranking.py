@@ -7,8 +7,11 @@ its item-token logit after the history (the likelihood the LM gives that item to
 training is a softmax cross-entropy over each step's K candidates (the target + K-1
 negatives drawn per step), at every step of a window.
 
-In ID mode the candidates are scored, not written into the prompt; a text prompt that
-lists them is future work with the language branch (docs/tasks.md).
+In ID mode the candidates are scored, not written into the prompt. With ``input: text`` the
+prompt lists them (seeded random order, ``\n{index}. {title}``); ``text_scoring: likelihood`` ranks
+them by the mean log-likelihood of each one's text (+ end of turn) after the prompt,
+``generative`` decodes an answer greedily and parses it to a candidate (``valid_ratio``: answers
+that name one of the K); training is the target's text after the prompt (teacher forcing).
 
 Metrics over the K candidates: HR@1, NDCG@K and MRR (metrics.RankingMetrics, exact under
 ties); baselines: random order (HR@1 = 1/K exactly, ties) and popularity.
@@ -16,28 +19,38 @@ ties); baselines: random order (HR@1 = 1/K exactly, ties) and popularity.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torchmetrics import MeanMetric
+
 from ..metrics import RankingMetrics
 from . import register_task
-from .base import Task, pad
+from .base import Task, TaskEvaluator, pad
 from .common import NegativeSampler, rng_for, side_batch
 
 
 @register_task("candidate_ranking")
 class CandidateRankingTask(Task):
     prefix = "candidate_ranking/"
+    val_names = ("hr@1", "mrr")
+    monitor_metric = ("mrr", "max")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
         self.K = cfg.num_candidates
         self.sampler = NegativeSampler(ctx.num_items, ctx.item_counts, cfg.negative_sampling)
         self.flags = dict(ctx.inputs)
+        self.text = getattr(cfg, "input", "items") == "text"
+        if self.text:  # LLaRA in text: the K candidates listed in the prompt (in a seeded random order)
+            from .prompts import builder_for
+
+            self.prompts = builder_for(self, cfg.prompt, num_candidates=self.K)
+            self.generative = cfg.text_scoring == "generative"
 
     def check_dataset(self, manifest: dict) -> None:
         super().check_dataset(manifest)
@@ -54,8 +67,92 @@ class CandidateRankingTask(Task):
             negs += self.sampler.draw(rng, self.K - 1 - len(negs), {target, *negs})
         return negs
 
+    # -- text prompts
+    def _text(self, samples: list[dict], train: bool) -> dict:
+        """Prompts listing the K candidates (seeded order), the answers' token ids (train: the target's;
+        eval: every candidate's, column 0 = the target) and, for eval, the prompt order of the columns."""
+        from .prompts import pad_rows
+
+        P = self.prompts
+        rows, answers, cands, order = [], [], [], []
+        for s in samples:
+            n = len(s["items"])
+            end = n - 1 if train else n
+            target = s["items"][end] if train else s["target"]
+            rng = rng_for(self.ctx.seed, s.get("user", ""), end, "text" if train else "eval")
+            c = [target, *self._negatives(rng, target, s["items"][:end])]
+            o = rng.permutation(self.K).tolist()  # prompt position j shows column o[j]: the target is not always first
+            rows.append(P.prompt(s, max(0, end - self.max_history), end, P.question_ids(candidates=[c[j] for j in o]))[0])
+            answers.append([P.answer_ids(target)] if train else [P.answer_ids(x) for x in c])
+            cands.append(c)
+            order.append(o)
+        ids, mask = pad_rows(rows, P.tok.pad_token_id)
+        A = max(len(a) for r in answers for a in r)
+        ans = torch.tensor([[a + [P.tok.pad_token_id] * (A - len(a)) for a in r] for r in answers], dtype=torch.long)
+        out = {"ids": ids, "mask": mask, "ans": ans, "ans_len": torch.tensor([[len(a) for a in r] for r in answers])}
+        if not train:
+            out.update(cands=torch.tensor(cands, dtype=torch.long), order=torch.tensor(order, dtype=torch.long))
+        return out
+
+    def _answer_logprobs(self, net, batch: dict, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p of each answer token [R, A], mask [R, A]) for prompt b + answer k, rows r = b * C + k."""
+        from .prompts import lm_hidden, lm_logits
+
+        ids, mask, ans, alen = batch["ids"], batch["mask"], batch["ans"], batch["ans_len"]
+        B, C, A = ans.shape
+        plen = mask.sum(1).repeat_interleave(C)
+        ans, alen = ans.reshape(B * C, A), alen.reshape(B * C)
+        if rows is not None:
+            ids, mask, plen, ans, alen = ids[rows // C], mask[rows // C], plen[rows], ans[rows], alen[rows]
+        else:
+            ids, mask = ids.repeat_interleave(C, 0), mask.repeat_interleave(C, 0)
+        R, T = ids.shape
+        full = torch.cat([ids, torch.full((R, A), int(self.prompts.tok.pad_token_id), dtype=ids.dtype, device=ids.device)], 1)
+        pos = plen.unsqueeze(1) + torch.arange(A, device=ids.device)
+        full.scatter_(1, pos, ans)
+        fmask = (torch.arange(T + A, device=ids.device) < (plen + alen).unsqueeze(1)).long()
+        h = lm_hidden(net, full, fmask)
+        h = h.gather(1, (pos - 1).unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # the state before each answer token
+        lp = lm_logits(net, h).float().log_softmax(-1).gather(-1, ans.unsqueeze(-1)).squeeze(-1)
+        am = torch.arange(A, device=ids.device) < alen.unsqueeze(1)
+        return lp * am, am
+
+    def _generate(self, net, batch: dict) -> torch.Tensor:
+        """[B, K] scores of the generative mode: 1 for the candidate the greedy answer names, 0 elsewhere
+        (all 0 when the answer names none); counts valid answers in ``self.last_valid``."""
+        from ..model.backbone import causal_core
+        from .prompts import pad_rows
+
+        P = self.prompts
+        rows = [r[m.bool()].tolist() for r, m in zip(batch["ids"], batch["mask"])]
+        ids, mask = pad_rows(rows, P.tok.pad_token_id, left=True)
+        ids, mask = ids.to(batch["ids"].device), mask.to(batch["ids"].device)
+        eos = P.tok.eos_token_id
+        out = causal_core(net.lm).generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.max_answer_tokens,
+                                           do_sample=False, pad_token_id=P.tok.pad_token_id, eos_token_id=eos)[:, ids.shape[1]:]
+        texts = P.tok.batch_decode(out.tolist(), skip_special_tokens=True)
+        return self.generated_scores(texts, batch)
+
+    def generated_scores(self, answers: list[str], batch: dict) -> torch.Tensor:
+        from .prompts import parse_choice
+
+        P = self.prompts
+        cands, order = batch["cands"].tolist(), batch["order"].tolist()
+        scores = torch.zeros(len(cands), self.K)
+        valid = []
+        for b, a in enumerate(answers):
+            shown = [cands[b][j] for j in order[b]]
+            k = parse_choice(a, [P.decode(P.item_table("")[c]) for c in shown])
+            valid.append(k >= 0)
+            if k >= 0:
+                scores[b, order[b][k]] = 1.0
+        self.last_valid = torch.tensor(valid, dtype=torch.bool)
+        return scores.to(batch["cands"].device)
+
     # -- tensors
     def collate_train(self, samples: list[dict]) -> dict:
+        if self.text:
+            return self._text(samples, train=True)
         L, N = self.max_history, self.num_items
         rows, labels, bounds = [], [], []
         for s in samples:
@@ -81,6 +178,8 @@ class CandidateRankingTask(Task):
         return out
 
     def collate_eval(self, samples: list[dict]) -> dict:
+        if self.text:
+            return self._text(samples, train=False)
         L = self.max_history
         cands, bounds = [], []
         for s in samples:
@@ -97,13 +196,27 @@ class CandidateRankingTask(Task):
 
     # -- model
     def loss(self, net, head, batch: dict) -> torch.Tensor:
+        if "ids" in batch:  # the target's text after the prompt (teacher forcing): LLaRA's generative training
+            lp, m = self._answer_logprobs(net, batch)
+            return -lp.sum() / m.sum().clamp(min=1)
         mask = batch["labels"] > 0
         h = net.hidden(batch["items"], side=batch.get("side"))[mask]
         logits = net.item_logits(h).float().gather(1, batch["cands"][mask] - 1)
         return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
     def scores(self, net, batch: dict) -> torch.Tensor:
-        """[B, K] item-token logits of each query's candidates (column 0 = the target)."""
+        """[B, K] item-token logits of each query's candidates (column 0 = the target); text: the mean
+        log-likelihood of each candidate's text after the prompt (in chunks of 64 rows), or the
+        generative mode's pick."""
+        if "ids" in batch:
+            if self.generative:
+                return self._generate(net, batch)
+            B, C = batch["cands"].shape
+            parts = []
+            for lo in range(0, B * C, 64):
+                lp, m = self._answer_logprobs(net, batch, torch.arange(lo, min(B * C, lo + 64), device=batch["ids"].device))
+                parts.append(lp.sum(1) / m.sum(1).clamp(min=1))
+            return torch.cat(parts).view(B, C)
         h = net.hidden(batch["items"], side=batch.get("side"))
         h = h[torch.arange(len(h)), batch["lengths"] - 1]
         return net.item_logits(h).float().gather(1, batch["cands"] - 1)
@@ -111,21 +224,16 @@ class CandidateRankingTask(Task):
     def evaluator(self, stage: str) -> nn.Module:
         return CandidateEvaluator(self, stage)
 
-    @classmethod
-    def val_metrics(cls, ks: Sequence[int]) -> list[str]:
-        return [f"val/{cls.prefix}hr@1", f"val/{cls.prefix}mrr"]
-
-    @classmethod
-    def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
-        return f"val/{cls.prefix}mrr", "max"
 
 
-class CandidateEvaluator(nn.Module):
+class CandidateEvaluator(TaskEvaluator):
     def __init__(self, task: CandidateRankingTask, stage: str):
-        super().__init__()
-        self.task, self.stage = task, stage
+        super().__init__(task, stage)
         ks = sorted({1, task.K})
         self.model, self.random, self.pop = RankingMetrics(ks), RankingMetrics(ks), RankingMetrics(ks)
+        self.gen = task.text and task.generative
+        if self.gen:  # fraction of answers that name one of the K candidates (summed over ranks)
+            self.valid = MeanMetric()
         self.register_buffer("popularity", torch.tensor(task.ctx.item_counts, dtype=torch.float32), persistent=False)
 
     @torch.no_grad()
@@ -134,17 +242,17 @@ class CandidateEvaluator(nn.Module):
         target = torch.zeros(len(s), dtype=torch.long, device=s.device)
         w = batch.get("weight")
         self.model.update(s, target, w)
+        if self.gen:
+            v = self.task.last_valid.float().to(s.device)
+            self.valid.update(v, w if w is not None else torch.ones_like(v))
         self.random.update(torch.zeros_like(s), target, w)
         self.pop.update(self.popularity[batch["cands"] - 1], target, w)
 
     def compute(self) -> dict:
-        st, px, K = self.stage, self.task.prefix, self.task.K
-        keep = ("hr@1", f"ndcg@{K}", "mrr")
-        out = {f"{st}/{px}{k}": v for k, v in self.model.compute().items() if k in keep}
+        keep = ("hr@1", f"ndcg@{self.task.K}", "mrr")
+        out = self.named(self.model.compute(), keep=keep)
         for name, m in (("random", self.random), ("popularity", self.pop)):
-            out.update({f"baseline/{name}/{st}/{px}{k}": v for k, v in m.compute().items() if k in keep})
+            out.update(self.named(m.compute(), name, keep))
+        if self.gen:
+            out.update(self.named({"valid_ratio": self.valid.compute()}))
         return out
-
-    def reset(self) -> None:
-        for m in (self.model, self.random, self.pop):
-            m.reset()

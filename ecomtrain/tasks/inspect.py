@@ -2,7 +2,8 @@
 
 ID mode: each history step as ``item (title) event@channel +gap``, then the task's question
 (next item; the candidates and labels of purchase intent; the rating to predict; the K
-candidates). Text prompts rendered with a chat template come with the language branch.
+candidates). Text mode (``--recipe`` with ``task.input: text``): each sample's prompt decoded from
+the token ids the model reads (chat template included) and how it is answered.
 """
 
 from __future__ import annotations
@@ -23,16 +24,25 @@ def _titles(root: Path, manifest: dict) -> dict:
     return dict(zip(df["idx"].to_list(), df["title"].to_list()))
 
 
-def describe(root: str | Path, manifest: dict, name: str, n: int = 3, show_steps: int = 8) -> list[str]:
-    from ..config import validate_tree
+def describe(root: str | Path, manifest: dict, name: str, n: int = 3, show_steps: int = 8, recipe: str | None = None) -> list[str]:
+    from ..config import RecipeError, load_recipe, validate_tree
     from .base import build_tasks
     import io
     import json
     import tarfile
 
     root = Path(root)
-    cfg = validate_tree({"data": {"path": str(root)}, "task": {"name": name}})
+    if recipe:  # the recipe's task settings (text mode: its prompt and its backbone's tokenizer) on this dataset
+        cfg = load_recipe(recipe, [f"data.path={root}"])
+        tcs = [t for t in cfg.task if t.name == name]
+        if not tcs:
+            raise RecipeError(f"--task {name}: {recipe} has no such task (its tasks: {', '.join(t.name for t in cfg.task)})")
+        cfg = cfg.model_copy(update={"task": tcs})
+    else:
+        cfg = validate_tree({"data": {"path": str(root)}, "task": {"name": name}})
     task = build_tasks(cfg, manifest)
+    if getattr(task, "text", False):
+        return _prompts(task, name, _val_samples(root, manifest, n))
     titles = _titles(root, manifest)
     ev, ch = manifest.get("event_types") or [], manifest.get("channels") or []
 
@@ -40,16 +50,7 @@ def describe(root: str | Path, manifest: dict, name: str, n: int = 3, show_steps
         t = titles.get(i)
         return f"{i} ({t})" if t else str(i)
 
-    samples = []
-    for sh in manifest["splits"].get("val", {}).get("shards", []):
-        with tarfile.open(root / sh["name"]) as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    samples.append(json.load(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8")))
-                    if len(samples) == n:
-                        break
-        if len(samples) == n:
-            break
+    samples = _val_samples(root, manifest, n)
     out = [f"task {name}: {len(samples)} val sample(s), last {show_steps} history steps each"]
     for s in samples:
         its, es, cs, ts = s["items"], s.get("events") or [], s.get("channels") or [], s.get("ts") or []
@@ -72,4 +73,42 @@ def describe(root: str | Path, manifest: dict, name: str, n: int = 3, show_steps
             out.append("  asked: which one next? " + ", ".join(("*" if j == 0 else "") + item(int(c)) for j, c in enumerate(b["cands"][0])) + "  (* = the target)")
         else:
             out.append(f"  asked: the next item over the catalog (target {item(s['target'])})")
+    return out
+
+
+def _val_samples(root: Path, manifest: dict, n: int) -> list[dict]:
+    import io
+    import json
+    import tarfile
+
+    samples: list[dict] = []
+    for sh in manifest["splits"].get("val", {}).get("shards", []):
+        with tarfile.open(root / sh["name"]) as tar:
+            for m in tar:
+                if m.isfile() and m.name.endswith(".json"):
+                    samples.append(json.load(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8")))
+                    if len(samples) == n:
+                        return samples
+    return samples
+
+
+def _prompts(task, name: str, samples: list[dict]) -> list[str]:
+    """Text mode: each sample's first prompt exactly as the model reads it (decoded ids) and its answer(s)."""
+    P = task.prompts
+    out = [f"task {name} (input: text): {len(samples)} val sample(s); prompts rendered with the backbone's tokenizer "
+           f"({'chat template' if P.chat else 'no chat template'}; max_prompt_tokens {P.max_tokens}, max_steps {P.max_steps})"]
+    for s in samples:
+        b = task.collate_eval([s])
+        n = int(b["mask"][0].sum())
+        out.append(f"- user {s.get('user', '?')}: {len(s['items'])} history steps, prompt {n} tokens")
+        out.append("  " + P.decode(b["ids"][0][:n]).replace("\n", "\n  "))
+        if name == "purchase_intent":
+            words = task.cfg.answer_tokens
+            lab = ", ".join(f"{P.decode(P.item_table('')[int(c)])} -> {words[0] if y else words[1]}" for c, y in zip(b["cands"][0], b["labels"][0]))
+            out.append(f"  answered by logit('{words[0]}') - logit('{words[1]}') at the last token; one prompt per candidate: {lab}")
+        elif name == "rating":
+            tr = s.get("target_rating")
+            out.append("  answer: the expected score over the answer tokens; true rating " + (f"{tr:g}" if tr is not None else "none (skipped)"))
+        elif name == "candidate_ranking":
+            out.append(f"  answer (the target): {P.decode(P.answer_ids(int(b['cands'][0, 0])))}  [{task.cfg.text_scoring}]")
     return out

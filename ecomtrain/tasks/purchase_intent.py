@@ -10,6 +10,9 @@ Training (binary head): one pass over the window; the candidate of step t is sco
 hidden state after step t-1, so every step of every window is a training example.
 Training (yes_no head, TALLRec): rows ``history + [candidate]`` read the LM head's logits of
 the two answer tokens at the candidate: logit = l(yes) - l(no), i.e. P(yes | {yes, no}).
+Text (``input: text``, tasks/prompts.py): one prompt per (sample, candidate) -- the history as
+titles with event / channel / gap words, then "Will the shopper buy <title>? Answer Yes or No."
+-- answered the same way at the prompt's last token.
 Eval: the val/test target (label = its event) plus ``sampled_negatives`` untouched items,
 scored after the whole history; users are GAUC groups.
 
@@ -19,7 +22,7 @@ Baselines (fitted on the training windows): the item's purchase rate among its i
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +31,7 @@ from torch import nn
 from ..config import RecipeError
 from ..metrics_pointwise import BinaryMetrics
 from . import register_task
-from .base import Task, pad
+from .base import Task, TaskEvaluator, pad
 from .common import NegativeSampler, PairHead, history_codes, iter_train_samples, prev_code, rng_for, side_batch, user_key
 
 
@@ -36,6 +39,8 @@ from .common import NegativeSampler, PairHead, history_codes, iter_train_samples
 class PurchaseIntentTask(Task):
     prefix = "purchase_intent/"
     requires = ("events",)
+    val_names = ("auc", "gauc", "logloss", "ece")
+    monitor_metric = ("auc", "max")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -48,6 +53,14 @@ class PurchaseIntentTask(Task):
         self.flags = dict(ctx.inputs)
         self.mode = cfg.head  # resolved against the tokenizer in make_head
         self._rates: Optional[torch.Tensor] = None
+        self.text = getattr(cfg, "input", "items") == "text"
+        if self.text:  # TALLRec in text: history + candidate as words, answered by logit(yes) - logit(no)
+            from .prompts import builder_for, single_token_ids
+
+            self.mode = "yes_no"
+            self.prompts = builder_for(self, cfg.prompt)
+            self.answer = torch.tensor(single_token_ids(self.prompts.tok, cfg.answer_tokens, "task.answer_tokens",
+                                                        ctx.pretrained or "the backbone"))
 
     def check_dataset(self, manifest: dict) -> None:
         super().check_dataset(manifest)
@@ -108,6 +121,8 @@ class PurchaseIntentTask(Task):
 
     def _rows(self, samples: list[dict], train: bool) -> dict:
         """Rows history + [candidate] (yes_no head, train and eval; binary head, eval)."""
+        if self.text:
+            return self._text_rows(samples, train)
         L = self.max_history
         hist, bounds, cands, labels, valid, prev = [], [], [], [], [], []
         for s in samples:
@@ -138,8 +153,33 @@ class PurchaseIntentTask(Task):
     def collate_eval(self, samples: list[dict]) -> dict:
         return self._rows(samples, train=False)
 
+    def _text_rows(self, samples: list[dict], train: bool) -> dict:
+        """One prompt per (sample, candidate): the most recent history steps as words, then the candidate.
+        Train: the window's last step is the candidate (as in item-token mode); eval: the split's target."""
+        from .prompts import pad_rows
+
+        P = self.prompts
+        rows, cands, labels, valid = [], [], [], []
+        for s in samples:
+            n = len(s["items"])
+            end = n - 1 if train else n
+            t = s if not train else {"items": s["items"][:end], "target": s["items"][end], "user": s.get("user", ""),
+                                     "target_event": (s.get("events") or [-1] * n)[end]}
+            c, y, v = self._eval_candidates(t)
+            for item in c:
+                rows.append(P.prompt(s, max(0, end - self.max_history), end, P.question_ids(candidate=item))[0])
+            cands.append(c)
+            labels.append(y)
+            valid.append(v)
+        ids, mask = pad_rows(rows, P.tok.pad_token_id)
+        return {"ids": ids, "mask": mask, "last": mask.sum(1) - 1, "cands": torch.tensor(cands, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.float32), "valid": torch.tensor(valid, dtype=torch.bool),
+                "group": torch.tensor([user_key(s.get("user", "")) for s in samples], dtype=torch.long)}
+
     # -- model
     def make_head(self, net) -> Optional[nn.Module]:
+        if self.text:
+            return None  # the LM head answers (self.answer): nothing of the task's own trains
         tok = getattr(net, "tokenizer", None)
         if self.mode == "auto":
             self.mode = "yes_no" if tok is not None else "binary"
@@ -163,6 +203,13 @@ class PurchaseIntentTask(Task):
 
     def _scores(self, net, head, batch: dict) -> torch.Tensor:
         """Logits [B, C] of each row's candidates after the whole history."""
+        if "ids" in batch:  # text prompts: logit(yes) - logit(no) at the answer position
+            from .prompts import lm_hidden, lm_logits
+
+            h = lm_hidden(net, batch["ids"], batch["mask"])
+            h = h[torch.arange(len(h), device=h.device), batch["last"]]
+            l = lm_logits(net, h)[:, self.answer.to(h.device)].float()
+            return (l[:, 0] - l[:, 1]).view(batch["cands"].shape)
         items, lengths, cands = batch["items"], batch["lengths"], batch["cands"]
         B, C = cands.shape
         if isinstance(head, YesNoHead):
@@ -209,13 +256,6 @@ class PurchaseIntentTask(Task):
     def evaluator(self, stage: str) -> nn.Module:
         return PurchaseEvaluator(self, stage)
 
-    @classmethod
-    def val_metrics(cls, ks: Sequence[int]) -> list[str]:
-        return [f"val/{cls.prefix}{m}" for m in ("auc", "gauc", "logloss", "ece")]
-
-    @classmethod
-    def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
-        return f"val/{cls.prefix}auc", "max"
 
 
 def raise_data(task: Task, what: str, manifest: dict, why: str):
@@ -239,10 +279,9 @@ class YesNoHead(nn.Module):
         return (l[..., 0] - l[..., 1]).float()
 
 
-class PurchaseEvaluator(nn.Module):
+class PurchaseEvaluator(TaskEvaluator):
     def __init__(self, task: PurchaseIntentTask, stage: str):
-        super().__init__()
-        self.task, self.stage = task, stage
+        super().__init__(task, stage)
         self.model = BinaryMetrics(task.cfg.ece_bins)
         self.rate = BinaryMetrics(task.cfg.ece_bins)
         self.pop = BinaryMetrics(probabilities=False)
@@ -260,12 +299,7 @@ class PurchaseEvaluator(nn.Module):
         self.pop.update(self.popularity[cands], y, g, keep)
 
     def compute(self) -> dict:
-        st, px = self.stage, self.task.prefix
-        out = {f"{st}/{px}{k}": v for k, v in self.model.compute().items()}
+        out = self.named(self.model.compute())
         for name, m in (("item_purchase_rate", self.rate), ("popularity", self.pop)):
-            out.update({f"baseline/{name}/{st}/{px}{k}": v for k, v in m.compute().items() if k != "positive_rate"})
+            out.update(self.named({k: v for k, v in m.compute().items() if k != "positive_rate"}, name))
         return out
-
-    def reset(self) -> None:
-        for m in (self.model, self.rate, self.pop):
-            m.reset()

@@ -12,6 +12,10 @@ predicts the residual over a bias model mu + b_i + b_u (lam_i = 5, lam_u = 3, b_
 ratings before the rated step only, so the target never feeds its own offset), trained with MSE at every rated step of a window and
 clipped to [min_rating, max_rating] for evaluation.
 
+Text (``input: text``, tasks/prompts.py): a prompt per rated step asks for the score; the answer
+is the expected value over the answer tokens ("1".."5" by default, one per scale step), trained
+with cross-entropy on the true score's token (one prompt per training sample: its last rated step).
+
 Baselines (fitted on the training windows): the global mean, and the user+item bias model
 mu + b_i + b_u with b_i = sum(r - mu) / (lam_i + n_i) over training ratings and
 b_u = sum(r - mu - b_i) / (lam_u + n_u) over the user's history; reported at the best
@@ -20,7 +24,7 @@ b_u = sum(r - mu - b_i) / (lam_u + n_u) over the user's history; reported at the
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +32,7 @@ from torch import nn
 
 from ..metrics_pointwise import RegressionMetrics
 from . import register_task
-from .base import Task, pad
+from .base import Task, TaskEvaluator, pad
 from .common import PairHead, history_codes, iter_train_samples, prev_code, side_batch
 
 LAMBDAS = (1.0, 3.0, 10.0, 25.0)
@@ -45,6 +49,8 @@ def _chan(channels, t: int) -> int:
 class RatingTask(Task):
     prefix = "rating/"
     requires = ("ratings",)
+    val_names = ("rmse", "mae")
+    monitor_metric = ("rmse", "min")
 
     def __init__(self, cfg, ctx):
         super().__init__(cfg, ctx)
@@ -53,6 +59,15 @@ class RatingTask(Task):
         self.flags = dict(ctx.inputs)
         self.pad_sample = {**self.pad_sample, "ratings": [None], "target_rating": None}
         self._stats: Optional[tuple] = None
+        self.text = getattr(cfg, "input", "items") == "text"
+        if self.text:  # a verbalised score: one answer token per scale step, read at the answer position
+            from .prompts import builder_for, single_token_ids
+
+            scale = (int(self.lo), int(self.hi))
+            self.prompts = builder_for(self, cfg.prompt, scale=scale)
+            answers = cfg.answer_tokens or [str(v) for v in range(scale[0], scale[1] + 1)]
+            self.answer = torch.tensor(single_token_ids(self.prompts.tok, answers, "task.answer_tokens", ctx.pretrained or "the backbone"))
+            self.values = torch.arange(scale[0], scale[1] + 1, dtype=torch.float32)
 
     def _level(self, r) -> int:
         return 0 if r is None else 1 + min(self.levels - 1, max(0, int(round(r - self.lo))))
@@ -66,8 +81,33 @@ class RatingTask(Task):
             out["side"] = side
         return out
 
+    def _text(self, samples: list[dict], asks: list[tuple[int, int]]) -> dict:
+        """Prompts asking for the rating of step/target ``t`` (item ``i``) after the steps before it."""
+        from .prompts import pad_rows
+
+        P = self.prompts
+        rows = [P.prompt(s, max(0, t - self.max_history), t, P.question_ids(candidate=i))[0] for s, (t, i) in zip(samples, asks)]
+        ids, mask = pad_rows(rows, P.tok.pad_token_id)
+        return {"ids": ids, "mask": mask, "last": mask.sum(1) - 1}
+
     def collate_train(self, samples: list[dict]) -> dict:
         L = self.max_history
+        if self.text:  # one prompt per sample: its last rated step, after the steps before it
+            keep, asks, value = [], [], []
+            for s in samples:
+                rs = s.get("ratings") or []
+                t = next((t for t in range(min(len(rs), len(s["items"])) - 1, 0, -1) if rs[t] is not None), None)
+                if t is not None:
+                    keep.append(s)
+                    asks.append((t, s["items"][t]))
+                    value.append(float(rs[t]))
+            w = [1.0] * len(keep)
+            if not keep:  # no rated step in the batch: one weight-0 prompt keeps the graph the same on every rank
+                keep, asks, value, w = samples[:1], [(len(samples[0]["items"]) - 1, samples[0]["items"][-1])], [self.lo], [0.0]
+            out = self._text(keep, asks)
+            out["level"] = torch.tensor([self._level(v) - 1 for v in value], dtype=torch.long)
+            out["w"] = torch.tensor(w)
+            return out
         self.train_stats()
         bounds, row, col, cand, value, prev, chan, base = [], [], [], [], [], [], [], []
         for b, s in enumerate(samples):
@@ -114,6 +154,8 @@ class RatingTask(Task):
                    # the user's history ratings (items, values) for the bias baseline
                    hist_items=pad([[i for i, r in zip(s["items"], s.get("ratings") or []) if r is not None] for s in samples]),
                    hist_values=pad([[float(r) for r in (s.get("ratings") or []) if r is not None] for s in samples], 0.0, torch.float32))
+        if self.text:
+            out.update(self._text(samples, [(len(s["items"]), s["target"]) for s in samples]))
         return out
 
     def _residual(self, items: list[int], ratings: list) -> tuple[float, int]:
@@ -129,19 +171,35 @@ class RatingTask(Task):
         return self._mu + self._bi[item] + res_sum / (LAM_U + res_n)
 
     # -- model
-    def make_head(self, net) -> nn.Module:
+    def make_head(self, net) -> Optional[nn.Module]:
+        if self.text:
+            return None  # the LM head answers over the answer tokens
         m = self.ctx.manifest
         return RatingHead(net.lm.config.hidden_size, self.levels, len(m.get("event_types") or []), len(m.get("channels") or []))
 
     def _hidden(self, net, head, batch):
         return net.hidden(batch["items"], side=batch.get("side"), extra=head.value_emb(batch["levels"]))
 
+    def _answer_logits(self, net, batch) -> torch.Tensor:
+        """[R, levels] LM logits of the answer tokens (one per scale step) at the answer position."""
+        from .prompts import lm_hidden, lm_logits
+
+        h = lm_hidden(net, batch["ids"], batch["mask"])
+        h = h[torch.arange(len(h), device=h.device), batch["last"]]
+        return lm_logits(net, h)[:, self.answer.to(h.device)].float()
+
     def predict(self, net, head, batch) -> torch.Tensor:
+        if "ids" in batch:  # verbalised: the expected score over the answer tokens' distribution
+            p = self._answer_logits(net, batch).softmax(-1)
+            return p @ self.values.to(p.device)
         h = self._hidden(net, head, batch)
         hs = h[torch.arange(len(h)), batch["lengths"] - 1]
         return (batch["base"] + head(hs, net.item_embeddings(batch["target"]), batch["prev"], batch["chan"])).clamp(self.lo, self.hi)
 
     def loss(self, net, head, batch: dict) -> torch.Tensor:
+        if "ids" in batch:  # cross-entropy on the true score's answer token
+            ce = F.cross_entropy(self._answer_logits(net, batch), batch["level"], reduction="none")
+            return (ce * batch["w"]).sum() / batch["w"].sum().clamp(min=1.0)
         h = self._hidden(net, head, batch)
         if len(batch["cand"]) == 0:
             return (h.sum() + sum(p.sum() for p in head.parameters())) * 0.0  # no rated step in this batch: zero loss, same graph on every rank
@@ -171,13 +229,6 @@ class RatingTask(Task):
     def evaluator(self, stage: str) -> nn.Module:
         return RatingEvaluator(self, stage)
 
-    @classmethod
-    def val_metrics(cls, ks: Sequence[int]) -> list[str]:
-        return [f"val/{cls.prefix}rmse", f"val/{cls.prefix}mae"]
-
-    @classmethod
-    def monitor(cls, ks: Sequence[int]) -> tuple[str, str]:
-        return f"val/{cls.prefix}rmse", "min"
 
 
 class RatingHead(nn.Module):
@@ -196,10 +247,9 @@ class RatingHead(nn.Module):
         return self.pair(h, e, prev).float()  # the residual over the bias model (batch['base'])
 
 
-class RatingEvaluator(nn.Module):
+class RatingEvaluator(TaskEvaluator):
     def __init__(self, task: RatingTask, stage: str):
-        super().__init__()
-        self.task, self.stage = task, stage
+        super().__init__(task, stage)
         self.model, self.mean = RegressionMetrics(), RegressionMetrics()
         self.bias = nn.ModuleList([RegressionMetrics() for _ in LAMBDAS for _ in LAMBDAS])
 
@@ -225,13 +275,8 @@ class RatingEvaluator(nn.Module):
                 k += 1
 
     def compute(self) -> dict:
-        st, px = self.stage, self.task.prefix
-        out = {f"{st}/{px}{k}": v for k, v in self.model.compute().items()}
-        out.update({f"baseline/global_mean/{st}/{px}{k}": v for k, v in self.mean.compute().items()})
+        out = self.named(self.model.compute())
+        out.update(self.named(self.mean.compute(), "global_mean"))
         best = min((m.compute() for m in self.bias), key=lambda d: float(d["rmse"]))
-        out.update({f"baseline/user_item_bias/{st}/{px}{k}": v for k, v in best.items()})
+        out.update(self.named(best, "user_item_bias"))
         return out
-
-    def reset(self) -> None:
-        for m in (self.model, self.mean, *self.bias):
-            m.reset()
