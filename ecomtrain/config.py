@@ -186,12 +186,6 @@ class TextEncoderConfig(_Section):
     dim: int = Field(256, gt=0, description="encoder=hashing: vector size.")
     batch_size: int = Field(256, gt=0, description="Items encoded per chunk (bounds activation memory).")
     adapter: Literal["linear", "mlp"] = Field("linear", description="Trainable map from the (standardised) text table into the hidden size.")
-    combine: Literal["sum", "gate", "concat"] = Field(
-        "sum",
-        description="hybrid: how an item's ID embedding e and projected text t combine, for inputs and output scores: "
-        "sum (e + t), gate (g*e + (1-g)*t, g = sigmoid(W[e;t] + b) per dimension) or concat (W[e;t] + b). "
-        "Measured on Beauty and the synthetic quickstart in bench/results/hybrid_combine.json.",
-    )
     id_dropout: float = Field(
         0.0, ge=0, lt=1,
         description="hybrid: probability that an item's ID embedding is dropped (per item, per step) in training, so "

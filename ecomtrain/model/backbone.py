@@ -164,7 +164,7 @@ class ItemLM(nn.Module):
             return self.tower.embed(items)
         emb = core.get_input_embeddings()(self.vocab.to_tokens(items))
         if self.mode == "hybrid":
-            emb = self.tower.combine(emb, self.tower.embed(items).to(emb.dtype), self._id_keep(items))
+            emb = emb * self._id_keep(items).unsqueeze(-1).to(emb.dtype) + self.tower.embed(items).to(emb.dtype)
         return emb
 
     def hidden(self, items: torch.Tensor, position_ids: Optional[torch.Tensor] = None, side: Optional[dict] = None,
@@ -207,13 +207,6 @@ class ItemLM(nn.Module):
         hi = self.vocab.num_items if hi is None else hi
         if self.mode == "text":
             return self._unseen_out(hidden @ self.tower.vectors(lo, hi).to(hidden.dtype).T, lo, hi)
-        if self.mode == "hybrid" and self.tower.combine_kind != "sum":
-            # gate / concat: the combined vectors of the chunk's items score it (the ID part read through the
-            # input embedding module, so ZeRO-3 gathers it and peft's token adapters apply)
-            cols = torch.arange(lo + 1, hi + 1, device=hidden.device)
-            idv = causal_core(self.lm).get_input_embeddings()(self.vocab.to_tokens(cols)).to(hidden.dtype)
-            vec = self.tower.combine(idv, self.tower.vectors(lo, hi).to(hidden.dtype), self._id_keep(cols))
-            return self._unseen_out(hidden @ vec.T, lo, hi)
         logits = self._id_head(hidden, lo, hi)
         if self.mode == "hybrid":
             cols = torch.arange(lo + 1, hi + 1, device=hidden.device)

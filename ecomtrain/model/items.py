@@ -25,16 +25,8 @@ from torch import nn
 
 
 class ItemTower(nn.Module):
-    def __init__(self, table: torch.Tensor, hidden: int, adapter: str = "linear", id_free: Optional[torch.Tensor] = None,
-                 combine: str = "sum"):
+    def __init__(self, table: torch.Tensor, hidden: int, adapter: str = "linear", id_free: Optional[torch.Tensor] = None):
         super().__init__()
-        self.combine_kind = combine
-        if combine in ("gate", "concat"):  # hybrid only: [ID; text] -> gate or projection
-            self.combine_proj = nn.Linear(2 * hidden, hidden)
-            nn.init.zeros_(self.combine_proj.weight)
-            nn.init.zeros_(self.combine_proj.bias)  # gate starts at 0.5; concat starts from e + t below
-        elif combine != "sum":
-            raise ValueError(f"model.item_text.combine: unknown '{combine}' (sum, gate, concat)")
         table = table.float()
         body = table[1:]
         # the table is data, not weights: never in checkpoints (export writes it once, next to the model)
@@ -58,20 +50,6 @@ class ItemTower(nn.Module):
         """Text vectors of item indices (0 = padding -> zeros)."""
         x = (self.table[items] - self.mu) / self.sd
         return self.adapter(x) * (items > 0).unsqueeze(-1).to(x.dtype)
-
-    def combine(self, idv: torch.Tensor, txt: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Hybrid item vectors from ID vectors ``idv``, projected text ``txt`` and the ID mask ``keep``
-        (0 for ID-free / dropped items, which are then their text part alone in every combination)."""
-        idv = idv * keep.unsqueeze(-1).to(idv.dtype)
-        if self.combine_kind == "sum":
-            return idv + txt
-        both = torch.cat([idv, txt], dim=-1)
-        k = keep.unsqueeze(-1).to(idv.dtype)
-        if self.combine_kind == "gate":
-            g = torch.sigmoid(self.combine_proj(both)) * k  # no ID part: the gate gives all weight to text
-            return g * idv + (1 - g) * txt
-        # concat: a learned map of [e; t], residual on e + t so it starts as sum; text alone without an ID part
-        return idv + txt + k * self.combine_proj(both)
 
     def vectors(self, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
         """[hi - lo, H] text vectors of columns lo..hi-1 (items lo+1..hi)."""

@@ -118,8 +118,7 @@ class RecModule(L.LightningModule):
                 raise ValueError(f"model.items={mc.items}: no item text table (module_for_dataset prepares it)")
             # items with no training occurrence are scored by text alone in hybrid mode
             id_free = torch.cat([torch.zeros(1, dtype=torch.bool), self.popularity.cpu() == 0])
-            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free,
-                              combine=mc.item_text.combine if mc.items == "hybrid" else "sum")
+            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free)
         side = None
         flags = mc.inputs.model_dump()
         if any(flags.values()):
