@@ -41,16 +41,9 @@ def cpu_s() -> float:
 
 
 def read_samples(root, manifest: dict, split: str) -> list[dict]:
-    import io
-    import tarfile
+    from ecomtrain.data.shardio import iter_split_samples
 
-    out = []
-    for sh in manifest["splits"][split]["shards"]:
-        with tarfile.open(Path(root) / sh["name"]) as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    out.append(json.load(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8")))
-    return out
+    return list(iter_split_samples(root, manifest, split))
 
 
 def rows_of(batch: dict) -> list[dict]:

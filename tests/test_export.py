@@ -25,7 +25,7 @@ from disthelp import REPO, tiny_recipe, torchrun
 
 PLAIN = textwrap.dedent(
     r'''
-    import json, math, sys, tarfile
+    import json, math, sys
     from pathlib import Path
     import torch
     try:
@@ -43,18 +43,15 @@ PLAIN = textwrap.dedent(
     ids = torch.load(ids_file)
     with torch.no_grad():
         torch.save(model(input_ids=ids).logits, ids_file + ".logits")
-    manifest = json.loads((data / "manifest.json").read_text())
     ndcg, count = 0.0, 0
-    for sh in manifest["splits"]["test"]["shards"]:
-        with tarfile.open(data / sh["name"]) as tf:
-            for m in tf.getmembers():
-                s = json.loads(tf.extractfile(m).read())
-                hist = s["items"][-max_hist:]
-                with torch.no_grad():
-                    lg = model(input_ids=torch.tensor([[first + i - 1 for i in hist]])).logits[0, -1, first:first + n]
-                rank = 1 + int((lg > lg[s["target"] - 1]).sum())
-                ndcg += 1.0 / math.log2(rank + 1) if rank <= 10 else 0.0
-                count += 1
+    for line in data.read_text().splitlines():  # the test split's samples (history, target), one JSON per line
+        s = json.loads(line)
+        hist = s["items"][-max_hist:]
+        with torch.no_grad():
+            lg = model(input_ids=torch.tensor([[first + i - 1 for i in hist]])).logits[0, -1, first:first + n]
+        rank = 1 + int((lg > lg[s["target"] - 1]).sum())
+        ndcg += 1.0 / math.log2(rank + 1) if rank <= 10 else 0.0
+        count += 1
     print(json.dumps({"ndcg@10": ndcg / count, "count": count}))
     '''
 )
@@ -85,10 +82,17 @@ def test_export_loads_with_plain_transformers(tmp_path, tiny_dataset, strategy):
     # install of ecomtrain is one), PYTHONPATH gives back only the installed site-packages
     import site
 
+    # the test split decoded here (shards are .npy blocks, schema 2); the plain process reads plain JSON lines
+    from ecomtrain.data.shardio import iter_split_samples
+
+    manifest = json.loads((tiny_dataset / "manifest.json").read_text())
+    samples_file = tmp_path / "test_samples.jsonl"
+    samples_file.write_text("".join(json.dumps({"items": s["items"], "target": s["target"]}) + "\n"
+                                    for s in iter_split_samples(tiny_dataset, manifest, "test")))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = os.pathsep.join(site.getsitepackages())
     proc = subprocess.run(
-        [sys.executable, "-S", "-c", PLAIN, str(out), str(tiny_dataset), "20", ids_file],
+        [sys.executable, "-S", "-c", PLAIN, str(out), str(samples_file), "20", ids_file],
         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,7 +103,7 @@ def test_export_loads_with_plain_transformers(tmp_path, tiny_dataset, strategy):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
     plain = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert plain["count"] == json.loads((tiny_dataset / "manifest.json").read_text())["splits"]["test"]["num_samples"]
+    assert plain["count"] == manifest["splits"]["test"]["num_samples"] > 0
     print(f"[export {strategy}] ndcg@10 plain={plain['ndcg@10']:.6f} run={metrics['test/ndcg@10']:.6f}")
     assert abs(plain["ndcg@10"] - metrics["test/ndcg@10"]) <= 1e-4
 

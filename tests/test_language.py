@@ -58,13 +58,10 @@ def cold_dataset(tmp_path_factory, synth_raw) -> Path:
 
 
 def _train_items(ds: Path, split: str) -> list[dict]:
-    import tarfile
+    from ecomtrain.data.shardio import iter_split_samples
 
-    rows = []
-    for tar in sorted(ds.glob(f"{split}-*.tar")):
-        with tarfile.open(tar) as tf:
-            for m in tf.getmembers():
-                rows.append(json.loads(tf.extractfile(m).read()))
+    rows = list(iter_split_samples(ds, json.loads((ds / "manifest.json").read_text()), split))
+    assert rows, f"{ds}: no {split} samples decoded"
     return rows
 
 

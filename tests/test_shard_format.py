@@ -172,3 +172,20 @@ def test_empty_timestamp_is_an_error_naming_the_row(tmp_path):
     f.write_text("user,item,ts\n" + "".join(f"u{k % 3},i{k},{k}\n" for k in range(12)) + "u1,i9,\n")
     with pytest.raises(DataError, match=r"ev\.csv: column 'ts' row 13 is empty \(1 empty ts cell\(s\)\)"):
         build.build(importers.load("table", f), tmp_path / "o", log=lambda *_: None)
+
+
+def test_task_and_inspect_readers_see_every_sample_of_both_formats(both):
+    """The task code's own readers (baselines fitted on train, the field check before training,
+    `data inspect --task` samples) decode npy blocks as well as JSON members: a reader that only
+    looked for .json members would fit baselines on nothing."""
+    from ecomtrain.tasks.base import _peek_fields
+    from ecomtrain.tasks.common import iter_train_samples
+    from ecomtrain.tasks.inspect import _val_samples
+
+    for d in both:
+        m = _manifest(d)
+        train = list(iter_train_samples(str(d), m))
+        assert len(train) == m["splits"]["train"]["num_samples"] > 20
+        assert train == read_split(d, "train")
+        assert set(_peek_fields(str(d), m)) >= {"user", "items", "events", "channels", "target"}
+        assert _val_samples(d, m, 5) == read_split(d, "val")[:5]

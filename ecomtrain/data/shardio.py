@@ -91,6 +91,18 @@ def _iter_shard(path: Path, digest=None) -> Iterator[dict]:
                 pass
 
 
+def iter_shard_samples(path: str | Path) -> Iterator[dict]:
+    """The samples of one shard file, either schema, as dicts (the public form of ``_iter_shard``)."""
+    return _iter_shard(Path(path))
+
+
+def iter_split_samples(data_path: str | Path, manifest: dict, split: str) -> Iterator[dict]:
+    """Every sample of one split of a built dataset, shard by shard in manifest order (never all in memory)."""
+    root = Path(data_path)
+    for sh in manifest.get("splits", {}).get(split, {}).get("shards", []):
+        yield from _iter_shard(root / sh["name"])
+
+
 def _members(path: Path, src) -> Iterator[dict]:
     block: dict[str, bytes] = {}
     key = None

@@ -169,19 +169,17 @@ class TaskEvaluator(nn.Module):
 
 def _peek_fields(data_path: str, manifest: dict) -> Optional[list[str]]:
     """The keys of the first stored sample (val first: it carries the target fields too)."""
-    import io
-    import json
     import tarfile
     from pathlib import Path
+
+    from ..data.shardio import iter_shard_samples
 
     for split in ("val", "test", "train"):
         for sh in manifest.get("splits", {}).get(split, {}).get("shards", []):
             try:
-                with tarfile.open(Path(data_path) / sh["name"]) as tar:
-                    for m in tar:
-                        if m.isfile() and m.name.endswith(".json"):
-                            return list(json.load(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8")))
-            except (OSError, tarfile.TarError, ValueError):
+                for sample in iter_shard_samples(Path(data_path) / sh["name"]):
+                    return list(sample)
+            except (OSError, tarfile.TarError, ValueError, EOFError):
                 continue
     return None
 

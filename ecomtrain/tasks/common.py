@@ -4,10 +4,6 @@ for a history window, one pass over the training shards for baselines, and a sma
 from __future__ import annotations
 
 import hashlib
-import io
-import json
-import tarfile
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
@@ -68,12 +64,9 @@ def side_batch(samples: list[dict], bounds: list[tuple[int, int]], flags: dict) 
 
 def iter_train_samples(data_path: str, manifest: dict) -> Iterator[dict]:
     """Every training sample of a built dataset, shard by shard (for baselines fitted on train)."""
-    root = Path(data_path)
-    for sh in manifest.get("splits", {}).get("train", {}).get("shards", []):
-        with tarfile.open(root / sh["name"]) as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    yield json.load(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8"))
+    from ..data.shardio import iter_split_samples
+
+    yield from iter_split_samples(data_path, manifest, "train")
 
 
 def prev_code(seen: dict, item: int) -> int:

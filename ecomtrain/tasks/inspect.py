@@ -27,9 +27,6 @@ def _titles(root: Path, manifest: dict) -> dict:
 def describe(root: str | Path, manifest: dict, name: str, n: int = 3, show_steps: int = 8, recipe: str | None = None) -> list[str]:
     from ..config import RecipeError, load_recipe, validate_tree
     from .base import build_tasks
-    import io
-    import json
-    import tarfile
 
     root = Path(root)
     if recipe:  # the recipe's task settings (text mode: its prompt and its backbone's tokenizer) on this dataset
@@ -77,18 +74,13 @@ def describe(root: str | Path, manifest: dict, name: str, n: int = 3, show_steps
 
 
 def _val_samples(root: Path, manifest: dict, n: int) -> list[dict]:
-    import io
-    import json
-    import tarfile
+    from ..data.shardio import iter_split_samples
 
     samples: list[dict] = []
-    for sh in manifest["splits"].get("val", {}).get("shards", []):
-        with tarfile.open(root / sh["name"]) as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    samples.append(json.load(io.TextIOWrapper(tar.extractfile(m), encoding="utf-8")))
-                    if len(samples) == n:
-                        return samples
+    for sample in iter_split_samples(root, manifest, "val"):
+        samples.append(sample)
+        if len(samples) == n:
+            break
     return samples
 
 
