@@ -134,3 +134,22 @@ def test_prefetch_keeps_order_and_propagates_errors():
     assert next(g) == 0
     g.close()
     assert not any(t.name == "ecomtrain-prefetch" and t.is_alive() for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
+def test_optimizer_is_fused_unless_amp_clips(tiny_dataset, tmp_path, precision):
+    """The fused AdamW kernel (one kernel per tensor) is used in fp32; under Lightning's AMP plugin with
+    gradient clipping, which refuses optimizers that may unscale gradients themselves, the run falls
+    back to the plain kernel and trains (the Beauty bf16-mixed recipes crashed on the fused one)."""
+    import lightning.pytorch as L
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["fused"] = bool(trainer.optimizers[0].defaults.get("fused"))
+
+    run_dir = _train(tiny_dataset, tmp_path, callbacks=[Probe()], trainer__max_steps=2, trainer__precision=precision,
+                     trainer__gradient_clip_val=1.0)
+    assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 2
+    assert seen["fused"] == (precision == "32")
