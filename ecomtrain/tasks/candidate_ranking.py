@@ -128,8 +128,12 @@ class CandidateRankingTask(Task):
         ids, mask = pad_rows(rows, P.tok.pad_token_id, left=True)
         ids, mask = ids.to(batch["ids"].device), mask.to(batch["ids"].device)
         eos = P.tok.eos_token_id
-        out = causal_core(net.lm).generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.max_answer_tokens,
-                                           do_sample=False, pad_token_id=P.tok.pad_token_id, eos_token_id=eos)[:, ids.shape[1]:]
+        lm = causal_core(net.lm)
+        # ZeRO-3: every forward pass gathers the partitioned weights from all ranks, so a rank whose
+        # answers ended early must keep stepping until every rank's have (transformers' synced_gpus)
+        synced = _zero3_partitioned(lm) and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        out = lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.max_answer_tokens, do_sample=False,
+                          pad_token_id=P.tok.pad_token_id, eos_token_id=eos, synced_gpus=synced)[:, ids.shape[1]:]
         texts = P.tok.batch_decode(out.tolist(), skip_special_tokens=True)
         return self.generated_scores(texts, batch)
 
@@ -256,3 +260,8 @@ class CandidateEvaluator(TaskEvaluator):
         if self.gen:
             out.update(self.named({"valid_ratio": self.valid.compute()}))
         return out
+
+
+def _zero3_partitioned(module: nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned the module's parameters (they carry ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
