@@ -109,7 +109,7 @@ def main() -> None:
     prompt_tokens = [len(r["ids"]) for r in train_rows]
     res = {"label": "SmolLM2-135M (4-bit GGUF source), LoRA r=%d" % cfg.finetune.lora.r,
            "command": "OMP_NUM_THREADS=%s python bench/tasks_fewshot.py %s" % (
-               os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:]).replace(str(work), "WORK")),
+               os.environ.get("OMP_NUM_THREADS", ""), " ".join(sys.argv[1:]).replace(str(work), "WORK").replace(str(Path(a.out).resolve()), "OUT")),
            "recipe": a.recipe, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
                                            "threads": torch.get_num_threads()},
            "data": {"train_prompts_available": len(train_rows), "positive_rate_train": sum(r["label"] for r in train_rows) / max(1, len(train_rows)),
