@@ -42,6 +42,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak (H100 SXM: 989)")
     ap.add_argument("--data", help="an already built dataset folder (else a synth one is built)")
     ap.add_argument("--out", help="also write the JSON object to this file (e.g. bench/results/train_throughput_cpu.json)")
+    ap.add_argument("--profile-callers", nargs="*", default=[], metavar="NAME",
+                    help="with --profile: also print the callers of functions matching these names")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead of timing: cProfile (main-thread CPU time) one ecomtrain run and one plain run, print the top N entries "
                          "by cumulative and by own time (where the time beyond the model step goes)")
@@ -165,6 +167,11 @@ def main() -> None:
                 buf = io.StringIO()
                 pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(order).print_stats(a.profile)
                 report[f"{name}_{order}"] = buf.getvalue()
+            if a.profile_callers:  # who calls the named functions (e.g. deepcopy __setattr__)
+                buf = io.StringIO()
+                for fname in a.profile_callers:  # one restriction each (several would be applied in turn)
+                    pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("cumulative").print_callers(fname)
+                report[f"{name}_callers"] = buf.getvalue()
         for key, text in report.items():
             print(f"===== {key}\n{text}")
         return
