@@ -153,3 +153,21 @@ def test_optimizer_is_fused_unless_amp_clips(tiny_dataset, tmp_path, precision):
                      trainer__gradient_clip_val=1.0)
     assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 2
     assert seen["fused"] == (precision == "32")
+
+
+def test_train_loader_workers_start_from_a_fork_server(tiny_dataset, tmp_path):
+    """data.num_workers > 0: worker processes come from a fork server, never from forking the
+    training process (it runs threads; a fork taken while one holds an interpreter lock hung a
+    ZeRO-3 rank before its first batch), and the run trains through them."""
+    import lightning.pytorch as L
+
+    seen = {}
+
+    class Probe(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            ctx = trainer.datamodule._loader.multiprocessing_context
+            seen["method"] = ctx.get_start_method() if ctx is not None else "fork"
+
+    run_dir = _train(tiny_dataset, tmp_path, callbacks=[Probe()], trainer__max_steps=3, data__num_workers=2)
+    assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 3
+    assert seen["method"] == "forkserver"

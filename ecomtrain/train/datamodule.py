@@ -9,6 +9,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import multiprocessing
 import queue
 import threading
 import time
@@ -180,7 +181,13 @@ class ShardDataModule(L.LightningDataModule):
         # a DataLoader iterator draws its worker base seed from the *global* torch RNG (one int64 per
         # epoch), which would shift dropout masks after a resume; a private generator keeps it out
         gen = torch.Generator().manual_seed(self.cfg.run.seed * 1009 + rank)
-        self._loader = _ResumableLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch, generator=gen)
+        # worker processes start from a fork server, not by forking this process: this process runs
+        # threads (W&B's, tqdm's monitor, the collective backends'), and a fork taken while one of them
+        # holds an interpreter lock leaves the worker hung before it runs (seen: a ZeRO-3 rank waiting
+        # forever for its first batch). The dataset and collate are pickled to the workers instead.
+        ctx = "forkserver" if d.num_workers > 0 and "forkserver" in multiprocessing.get_all_start_methods() else None
+        self._loader = _ResumableLoader(self._train, num_workers=d.num_workers, first_epoch=first_epoch, generator=gen,
+                                        multiprocessing_context=ctx)
         self._loader.prefetch = d.prefetch_batches
         if self._resume is not None:
             self._apply_resume(self._loader)
