@@ -1,8 +1,8 @@
 """No committed file holds an absolute path of one machine's work folder (e.g. the shared data folder):
 recipes, tests and results use repo-relative paths such as ../shared/data/... instead.
 
-docker/ is exempt: /work there is the image's WORKDIR, a path inside the container.
-Outside tests/, a /tmp/ path is one run's scratch folder (a recorded bench command, a results
+docker/ is exempt: the work folder there is the image's WORKDIR, a path inside the container.
+Outside tests/, a path under the system temp folder is one run's scratch folder (a recorded bench command, a results
 file): it says WORK or a repo-relative path instead.
 """
 
