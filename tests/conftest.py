@@ -31,6 +31,19 @@ def synth_raw(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def signal_dataset(tmp_path_factory) -> Path:
+    """300 users with planted behaviour/channel signals and ratings (seconds to build); read-only,
+    shared by the task and prompt tests."""
+    from ecomtrain.data import build, importers, synth
+
+    root = tmp_path_factory.mktemp("sig")
+    synth.write(root / "raw", num_users=300, num_items=60, num_categories=4, num_brands=8, seed=2,
+                behaviour_signal=True, channel_signal=True, ratings=True)
+    build.build(importers.load("synth", root / "raw"), root / "ds", shard_max_samples=100, log=lambda *_: None)
+    return root / "ds"
+
+
+@pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory, synth_raw) -> Path:
     from ecomtrain.data import build, importers
 

@@ -60,17 +60,6 @@ def corpus_of(data: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def signal_dataset(tmp_path_factory):
-    from ecomtrain.data import build, importers, synth
-
-    root = tmp_path_factory.mktemp("sigtext")
-    synth.write(root / "raw", num_users=300, num_items=60, num_categories=4, num_brands=8, seed=2,
-                behaviour_signal=True, channel_signal=True, ratings=True)
-    build.build(importers.load("synth", root / "raw"), root / "ds", shard_max_samples=100, log=lambda *_: None)
-    return root / "ds"
-
-
-@pytest.fixture(scope="module")
 def backbone(tmp_path_factory, signal_dataset):
     return save_text_backbone(tmp_path_factory.mktemp("tb") / "llama", corpus_of(signal_dataset))
 

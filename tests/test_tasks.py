@@ -27,18 +27,6 @@ def _task(name, manifest=MANIFEST, **cfg):
     return build_tasks(c, manifest, item_counts=[5] * manifest["num_items"])
 
 
-@pytest.fixture(scope="module")
-def signal_dataset(tmp_path_factory):
-    """300 users with planted behaviour/channel signals and ratings (seconds to build)."""
-    from ecomtrain.data import build, importers, synth
-
-    root = tmp_path_factory.mktemp("sig")
-    synth.write(root / "raw", num_users=300, num_items=60, num_categories=4, num_brands=8, seed=2,
-                behaviour_signal=True, channel_signal=True, ratings=True)
-    build.build(importers.load("synth", root / "raw"), root / "ds", shard_max_samples=100, log=lambda *_: None)
-    return root / "ds"
-
-
 # ---------------------------------------------------------------- registry and config
 def test_registry_and_config_forms():
     with pytest.raises(ValueError, match="did you mean 'purchase_intent'"):

@@ -238,39 +238,30 @@ class PromptBuilder:
         n = len(self._words[name]) - 1
         return x if x is not None and 0 <= x < n else n
 
-    def step_ids(self, s: dict, t: int) -> list[int]:
+    @staticmethod
+    def _render(parts: list, item: int, other) -> list[int]:
+        """Token ids of compiled template parts: literals as they are, ``{item}`` fields from their
+        per-item table at ``item``, every other field through ``other(kind, value)``."""
         out: list[int] = []
-        for p in self.step_parts:
-            if p[0] == "lit":
-                out += p[1]
-            elif p[0] == "item":
-                out += p[1][s["items"][t]]
+        for kind, val in parts:
+            if kind == "lit":
+                out += val
+            elif kind == "item":
+                out += val[item]
             else:
-                out += p[1][self._value(p[0], s, t)]
+                out += other(kind, val)
         return out
+
+    def step_ids(self, s: dict, t: int) -> list[int]:
+        return self._render(self.step_parts, s["items"][t], lambda kind, table: table[self._value(kind, s, t)])
 
     def question_ids(self, candidate: int = 0, candidates: Sequence[int] = ()) -> list[int]:
-        out: list[int] = []
-        for p in self.q_parts:
-            if p[0] == "lit":
-                out += p[1]
-            elif p[0] == "item":
-                out += p[1][candidate]
-            elif p[0] == "candidates":
-                for j, c in enumerate(candidates):
-                    out += self.candidate_ids(j + 1, c)
-        return out
+        def other(kind, _):  # {candidates}: the listed candidates, numbered from 1
+            return [i for j, c in enumerate(candidates) for i in self.candidate_ids(j + 1, c)] if kind == "candidates" else []
+        return self._render(self.q_parts, candidate, other)
 
     def candidate_ids(self, index: int, item: int) -> list[int]:
-        out: list[int] = []
-        for p in self.cand_parts:
-            if p[0] == "lit":
-                out += p[1]
-            elif p[0] == "item":
-                out += p[1][item]
-            elif p[0] == "index":
-                out += self._ids(p[1] + str(index))
-        return out
+        return self._render(self.cand_parts, item, lambda kind, prefix: self._ids(prefix + str(index)) if kind == "index" else [])
 
     def prompt(self, s: dict, lo: int, hi: int, question: list[int]) -> tuple[list[int], int]:
         """(ids, steps kept): the most recent steps of lo..hi-1 (at most max_steps) that fit max_prompt_tokens."""
