@@ -191,6 +191,12 @@ class TextEncoderConfig(_Section):
         description="hybrid: probability that an item's ID embedding is dropped (per item, per step) in training, so "
         "text alone must rank it; cold items are always scored by text alone.",
     )
+    id_init: Literal["random", "text"] = Field(
+        "random",
+        description="id/hybrid with a random-init backbone: 'text' starts each item's ID row at the item text table's top "
+        "principal components (PCA to the hidden size, scaled to the backbone's init std), so items with similar text start "
+        "close; 'random' is the backbone's own init. (A pretrained backbone uses model.backbone.init_items_from_text.)",
+    )
 
 
 class ModelConfig(_Section):
@@ -558,6 +564,17 @@ class Recipe(_Section):
             if getattr(t, "input", "items") == "text" and not self.model.backbone.pretrained:
                 where = f"task[{i}]" if len(self.task) > 1 else "task"
                 raise ValueError(f"{where}.input: text needs a tokenizer: set model.backbone.pretrained (a local folder or Hub id)")
+        return self
+
+    @model_validator(mode="after")
+    def _id_init_needs_id_rows(self) -> "Recipe":
+        m = self.model
+        if m.item_text.id_init == "text":
+            if m.items == "text":
+                raise ValueError("model.item_text.id_init: text initialises item ID rows, which model.items=text has none of; use items id or hybrid")
+            if m.backbone.pretrained:
+                raise ValueError("model.item_text.id_init: text is for random-init backbones; a pretrained backbone initialises "
+                                 "item tokens from its own embeddings (model.backbone.init_items_from_text)")
         return self
 
     @property

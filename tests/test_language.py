@@ -400,3 +400,67 @@ def _checkpoint_and_export_scores(cfg, run_dir, ckpt, reloaded):
     items, pos = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]]), torch.tensor([3, 1])
     with torch.no_grad():
         return module.net(items, pos), reloaded(items, pos)
+
+
+# ------------------------------------------------------------------ id_init: text
+def test_text_pca_rows_keep_text_geometry():
+    from ecomtrain.model.items import text_pca_rows
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.cat([torch.zeros(1, 16), torch.randn(40, 16, generator=g)])
+    table[7] = table[3]  # items 3 and 7 share their text
+    rows = text_pca_rows(table, 8, 0.02)
+    assert rows.shape == (40, 8) and abs(rows.std().item() - 0.02) < 1e-3
+    assert torch.equal(rows[2], rows[6]) and not torch.allclose(rows[2], rows[5])
+    # variance order kept: the first principal component carries the most
+    var = rows.var(0)
+    assert torch.all(var[:-1] >= var[1:] - 1e-9)
+    # the projection preserves the neighbourhoods of the (standardised) text: nearest neighbours agree
+    x = (table[1:] - table[1:].mean(0)) / table[1:].std(0)
+    full = text_pca_rows(table, 16, 0.02)  # all components: distances are those of x, scaled
+    exact = "donot_use_mm_for_euclid_dist"
+    d_x, d_r = torch.cdist(x, x, compute_mode=exact), torch.cdist(full, full, compute_mode=exact)
+    assert torch.allclose(d_r / d_r.max(), d_x / d_x.max(), atol=1e-4)
+    # hidden wider than the text: the extra columns are random at the same scale, deterministic by seed
+    wide = text_pca_rows(table, 24, 0.02, seed=1)
+    assert wide.shape == (40, 24) and torch.equal(wide, text_pca_rows(table, 24, 0.02, seed=1))
+    assert torch.allclose(wide[:, :16], full)
+
+
+@pytest.mark.parametrize("mode", ["id", "hybrid"])
+def test_id_init_text_starts_item_rows_from_the_text_table(mode, tmp_path, cold_dataset):
+    from ecomtrain.data.build import load_manifest
+    from ecomtrain.model.items import text_pca_rows
+    from ecomtrain.train.module import module_for_dataset
+
+    enc = save_tiny_bert(tmp_path / "bert")
+    cfg = _cfg(cold_dataset, tmp_path / "run", model__items=mode, model__item_text={"encoder": str(enc), "id_init": "text"},
+               data__item_text={"template": "{title}; brand: {brand}"})
+    module = module_for_dataset(cfg, load_manifest(cold_dataset), log=lambda *_: None)
+    table = module.item_text.table.clone()
+    module.configure_model()
+    emb = module.net.lm.get_input_embeddings().weight
+    want = text_pca_rows(table, 64, module.net.lm.config.initializer_range, cfg.run.seed)
+    n = module.num_items
+    assert torch.allclose(emb[1: n + 1], want)
+    if mode == "id":  # the table only initialised the rows
+        assert module.item_text.table is None and module.net.tower is None
+    # and random init (the default) is untouched by the text
+    plain = module_for_dataset(_cfg(cold_dataset, tmp_path / "run2", model__items=mode,
+                                    model__item_text={"encoder": str(enc)}, data__item_text={"template": "{title}; brand: {brand}"}),
+                               load_manifest(cold_dataset), log=lambda *_: None)
+    plain.configure_model()
+    assert not torch.allclose(plain.net.lm.get_input_embeddings().weight[1: n + 1], want, atol=1e-3)
+
+
+def test_id_init_text_trains_and_refuses_what_it_cannot_do(tmp_path, cold_dataset):
+    from ecomtrain.train.runner import train
+
+    run_dir = train(_cfg(cold_dataset, tmp_path / "run", model__item_text={"encoder": "hashing", "dim": 32, "id_init": "text"}),
+                    log=lambda *_: None)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= m["test/ndcg@10"] <= 1
+    with pytest.raises(RecipeError, match="model.item_text.id_init"):
+        _cfg(cold_dataset, tmp_path / "r", model__items="text", model__item_text={"id_init": "text"})
+    with pytest.raises(RecipeError, match="init_items_from_text"):
+        _cfg(cold_dataset, tmp_path / "r", model__item_text={"id_init": "text"}, model__backbone={"pretrained": str(tmp_path)})

@@ -114,6 +114,26 @@ def init_item_rows_from_text(lm, tok, first_row: int, texts: list[str], base_row
                 flat, out_emb[:base_rows], offsets, mode="mean").to(out_emb.dtype)
 
 
+@torch.no_grad()
+def set_item_rows(lm, first_row: int, rows: torch.Tensor) -> None:
+    """Overwrite the input (and an untied output) embedding rows of items 1..N, starting at token ``first_row``.
+    A ZeRO-3-partitioned weight is gathered, written on rank 0 and re-partitioned (every rank calls this)."""
+    weights = [lm.get_input_embeddings().weight]
+    out = lm.get_output_embeddings()
+    if out is not None and out.weight is not weights[0] and out.weight.data_ptr() != weights[0].data_ptr():
+        weights.append(out.weight)
+    for w in weights:
+        if hasattr(w, "ds_id"):
+            import deepspeed
+            import torch.distributed as dist
+
+            with deepspeed.zero.GatheredParameters([w], modifier_rank=0):
+                if not dist.is_initialized() or dist.get_rank() == 0:
+                    w[first_row: first_row + len(rows)] = rows.to(w.dtype)
+        else:
+            w[first_row: first_row + len(rows)] = rows.to(w.device, w.dtype)
+
+
 def causal_core(lm: nn.Module) -> nn.Module:
     """The underlying *ForCausalLM, under a peft wrapper or not."""
     get = getattr(lm, "get_base_model", None)

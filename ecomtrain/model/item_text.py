@@ -203,7 +203,7 @@ def text_table(cfg: Recipe, texts: list[str], data_path: str | Path, log=print) 
 
 def needs_text(cfg: Recipe) -> bool:
     m = cfg.model
-    return m.items != "id" or bool(m.backbone.pretrained and m.backbone.init_items_from_text)
+    return m.items != "id" or m.item_text.id_init == "text" or bool(m.backbone.pretrained and m.backbone.init_items_from_text)
 
 
 def prepare(cfg: Recipe, manifest: dict, log=print) -> Optional[ItemText]:
@@ -217,11 +217,11 @@ def prepare(cfg: Recipe, manifest: dict, log=print) -> Optional[ItemText]:
     try:
         texts = render(cat, cfg.data.item_text.template, log=log).to_list()
     except DataError as exc:
-        if cfg.model.items == "id":  # id mode only uses text to initialise; a catalog without text is fine
+        if cfg.model.items == "id" and cfg.model.item_text.id_init != "text":  # text only initialises: fine without it
             log(f"item text unavailable ({exc}); item tokens start at random")
             return None
         raise
-    if cfg.model.items == "id":
+    if cfg.model.items == "id" and cfg.model.item_text.id_init != "text":
         return ItemText(texts, None)
     table, key, path = text_table(cfg, texts, cfg.data.path, log=log)
     return ItemText(texts, table, key, str(path))

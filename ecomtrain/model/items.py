@@ -24,6 +24,31 @@ import torch
 from torch import nn
 
 
+@torch.no_grad()
+def text_pca_rows(table: torch.Tensor, hidden: int, std: float, seed: int = 0) -> torch.Tensor:
+    """``model.item_text.id_init: text``: [N, hidden] starting ID rows for items 1..N (table row 0 is padding).
+
+    The catalog's text vectors, standardised per dimension, projected on their top ``hidden``
+    principal components (variance order kept, so the main directions of the text dominate),
+    then scaled to overall std ``std`` (the backbone's own init scale: training dynamics stay
+    those of a random init, but items with similar text start close). When ``hidden`` exceeds
+    the text dimension or the catalog's rank, the remaining columns are random at that scale."""
+    x = table[1:].double()
+    x = (x - x.mean(0)) / x.std(0).clamp(min=1e-6) if len(x) > 1 else x - x.mean(0)
+    k = min(hidden, x.shape[1], max(len(x) - 1, 0))
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.randn(len(x), hidden, generator=gen, dtype=torch.float64) * std
+    if k > 0:
+        # the top-k right singular vectors (exact SVD of a D x D Gram matrix: D is the text width, a few hundred)
+        evals, evecs = torch.linalg.eigh(x.T @ x)
+        top = evecs[:, torch.argsort(evals, descending=True)[:k]]
+        proj = x @ top
+        keep = proj.std().item()
+        if keep > 0:
+            out[:, :k] = proj * (std / keep)
+    return out.float()
+
+
 class ItemTower(nn.Module):
     def __init__(self, table: torch.Tensor, hidden: int, adapter: str = "linear", id_free: Optional[torch.Tensor] = None):
         super().__init__()

@@ -104,6 +104,16 @@ class RecModule(L.LightningModule):
         mc = self.cfg.model
         texts = self.item_text.texts if self.item_text is not None else None
         lm, vocab, tok = build_causal_lm(mc, self.num_items, texts, self.cfg.data.item_text.max_length)
+        if mc.item_text.id_init == "text" and mc.items != "text":
+            from ..model.backbone import set_item_rows
+            from ..model.items import text_pca_rows
+
+            if self.item_text is None or self.item_text.table is None:
+                raise ValueError("model.item_text.id_init=text: no item text table (module_for_dataset prepares it)")
+            std = float(getattr(lm.config, "initializer_range", 0.02))
+            set_item_rows(lm, vocab.offset, text_pca_rows(self.item_text.table, lm.config.hidden_size, std, self.cfg.run.seed))
+            if mc.items == "id":  # the table only initialised the rows: do not hold a 1 M-item table for nothing
+                self.item_text.table = None
         if self.cfg.model.activation_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from .peft_compat import cpu_safe_peft
