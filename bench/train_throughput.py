@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the JSON object to this file (e.g. bench/results/train_throughput_cpu.json)")
     ap.add_argument("--profile-callers", nargs="*", default=[], metavar="NAME",
                     help="with --profile: also print the callers of functions matching these names")
+    ap.add_argument("--profile-dump", metavar="DIR", help="with --profile: also write each side's raw cProfile stats to DIR/<side>.prof (pstats)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead of timing: cProfile (main-thread CPU time) one ecomtrain run and one plain run, print the top N entries "
                          "by cumulative and by own time (where the time beyond the model step goes)")
@@ -163,6 +164,9 @@ def main() -> None:
             prof.enable()
             fn()
             prof.disable()
+            if a.profile_dump:
+                Path(a.profile_dump).mkdir(parents=True, exist_ok=True)
+                prof.dump_stats(str(Path(a.profile_dump) / f"{name}.prof"))
             for order in ("cumulative", "tottime"):
                 buf = io.StringIO()
                 pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(order).print_stats(a.profile)

@@ -58,6 +58,10 @@ def test_step_figures_reach_the_loggers_at_every_write_out(tiny_dataset, tmp_pat
     total = json.loads((run_dir / "metrics.json").read_text())["train/global_step"]
     assert total >= 6
     assert sorted(loss_rows) == lr_steps == [s for s in range(total) if (s + 1) % 3 == 0]
+    # the throughput monitor writes its window figures straight to the loggers, at Lightning's step counter
+    perf_rows = [r for r in rows if r.get("perf/samples_per_s")]
+    assert perf_rows and all(float(r["perf/samples_per_s"]) > 0 and 0 <= float(r["perf/data_wait_fraction"]) <= 1 for r in perf_rows)
+    assert {int(r["step"]) for r in perf_rows} <= set(range(total + 1))
     for step, value in loss_rows.items():
         assert value == pytest.approx(seen["losses"][step], rel=1e-6)
     assert torch.isfinite(torch.tensor(list(loss_rows.values()))).all()
@@ -171,3 +175,45 @@ def test_train_loader_workers_start_from_a_fork_server(tiny_dataset, tmp_path):
     run_dir = _train(tiny_dataset, tmp_path, callbacks=[Probe()], trainer__max_steps=3, data__num_workers=2)
     assert json.loads((run_dir / "metrics.json").read_text())["train/global_step"] == 3
     assert seen["method"] == "forkserver"
+
+
+def test_read_ahead_starts_the_next_epoch_early_in_the_same_order(tiny_dataset):
+    """With in-process prefetch, the next epoch's reader starts as soon as an epoch's last batch is read
+    (its shuffle-buffer fill and first collates overlap Lightning's epoch end and validation); the batches
+    are exactly those of a loader that reads each epoch on demand, and a reposition discards the read-ahead."""
+    import threading
+
+    import torch
+
+    from ecomtrain.data import build
+    from ecomtrain.data.stream import ShardStream
+    from ecomtrain.tasks.next_item import NextItemTask
+    from ecomtrain.train.datamodule import _ResumableLoader
+
+    m = build.load_manifest(tiny_dataset)
+    t = NextItemTask(m["num_items"], max_history=10)
+
+    def loader(read_ahead: bool):
+        ds = ShardStream(tiny_dataset, "train", m, t.collate_train, 8, mode="train", shuffle_buffer=20, seed=3)
+        ld = _ResumableLoader(ds, num_workers=0, generator=torch.Generator().manual_seed(7))
+        ld.prefetch, ld.read_ahead = 2, read_ahead
+        return ld
+
+    def epochs(ld, n):
+        out = []
+        for e in range(n):
+            out.append([b["items"].tolist() for b in ld])
+            if ld.read_ahead:  # the epoch after this one is already being read
+                assert ld._ahead is not None and ld._ahead[0] == e + 1
+        return out
+
+    ahead, plain = loader(True), loader(False)
+    got, want = epochs(ahead, 3), epochs(plain, 3)
+    assert got == want and got[0] != got[1]
+    # a reposition (a resume's seek) drops the read-ahead epoch and its thread; the order is the seeked one
+    ahead.seek({"epoch": 1, "batches": 2, "seed": 3})
+    plain.seek({"epoch": 1, "batches": 2, "seed": 3})
+    assert ahead._ahead is None
+    assert [b["items"].tolist() for b in ahead] == [b["items"].tolist() for b in plain] == want[1][2:]
+    ahead.drop_ahead()
+    assert not any(th.name == "ecomtrain-prefetch" and th.is_alive() for th in threading.enumerate())

@@ -31,32 +31,77 @@ class _ResumableLoader(EpochLoader):
     (the strategy restores after setup), so the resume position must still be settable then.
     ``wait_seconds`` accumulates the time the training loop spent waiting in ``next()``
     (read by train/throughput.py for the data-wait fraction).
+
+    Read-ahead across epochs (in-process reading with ``prefetch`` > 0): when an epoch's last batch
+    has been read, the next epoch's reader starts at once in its prefetch thread -- filling the
+    shuffle buffer and collating the first batches while Lightning closes the epoch and validates
+    -- instead of when the training loop asks for that epoch's first batch. It is the very iterator
+    the next epoch would create (same dataset, epoch, skip 0, loader generator), so the batch
+    order is unchanged; any repositioning (a resume's epoch/skip) discards it.
     """
 
     wait_seconds = 0.0
     prefetch = 0
+    read_ahead = True
+    _ahead: "tuple[int, _Prefetcher] | None" = None
 
     def __iter__(self):
         def lazy():
-            self.dataset.set_epoch(self._next_epoch)
+            it = self._take_ahead()
+            if it is None:
+                self.dataset.set_epoch(self._next_epoch)
+                it = DataLoader.__iter__(self)  # workers (if any) copy the dataset here
+                if self.num_workers > 0:
+                    # the workers took skip with their copy; the main-process copy must not skip again
+                    # next epoch. (Without workers ShardStream clears skip itself on its first batch.)
+                    self.dataset.skip = 0
+                if self.num_workers == 0 and self.prefetch > 0:
+                    it = _Prefetcher(it, self.prefetch)
             self._next_epoch += 1
-            it = DataLoader.__iter__(self)  # workers (if any) copy the dataset here
-            if self.num_workers > 0:
-                # the workers took skip with their copy; the main-process copy must not skip again
-                # next epoch. (Without workers ShardStream clears skip itself on its first batch.)
-                self.dataset.skip = 0
-            if self.num_workers == 0 and self.prefetch > 0:
-                it = _prefetched(it, self.prefetch)
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    return
-                self.wait_seconds += time.perf_counter() - t0
-                yield batch
+            try:
+                while True:
+                    t0 = time.perf_counter()
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        self._start_ahead()
+                        return
+                    self.wait_seconds += time.perf_counter() - t0
+                    yield batch
+            finally:
+                if isinstance(it, _Prefetcher):
+                    it.close()
 
         return lazy()
+
+    def _start_ahead(self) -> None:
+        if not (self.read_ahead and self.num_workers == 0 and self.prefetch > 0 and self.dataset.skip == 0):
+            return
+        self.drop_ahead()
+        epoch = self._next_epoch
+        self.dataset.set_epoch(epoch)
+        self._ahead = (epoch, _Prefetcher(DataLoader.__iter__(self), self.prefetch))
+
+    def _take_ahead(self) -> "_Prefetcher | None":
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        epoch, reader = ahead
+        if epoch == self._next_epoch and self.dataset.skip == 0:
+            self.dataset.set_epoch(epoch)
+            return reader
+        reader.close()
+        return None
+
+    def drop_ahead(self) -> None:
+        """Discard a read-ahead epoch (repositioning, teardown); stops its thread."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            ahead[1].close()
+
+    def seek(self, position: dict) -> None:
+        self.drop_ahead()
+        super().seek(position)
 
 
 class _Failed:
@@ -67,50 +112,70 @@ class _Failed:
 _DONE = object()
 
 
-def _prefetched(it, depth: int):
+class _Prefetcher:
     """Read and collate the next ``depth`` batches in a background thread (``data.prefetch_batches``).
 
-    Without loader workers, decoding JSON and collating happen between optimizer steps and the
+    Without loader workers, decoding and collating happen between optimizer steps and the
     training loop waits for them. torch releases the GIL inside its kernels, so a thread can
     prepare batch n+1 while batch n trains, at no extra process or core. The order is
     unchanged (one producer, FIFO), so resume and determinism are unaffected; an error in the
-    reader is re-raised in the training loop; closing the generator (end of epoch, max_steps,
-    an exception) stops the thread.
+    reader is re-raised in the training loop; ``close()`` (end of epoch, max_steps, an
+    exception) stops the thread. The thread starts at construction (read-ahead relies on it).
     """
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
 
-    def put(item) -> bool:
-        while not stop.is_set():
+    def __init__(self, it, depth: int):
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._it = it
+        self._done = False
+        self._worker = threading.Thread(target=self._produce, name="ecomtrain-prefetch", daemon=True)
+        self._worker.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                self._q.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self) -> None:
         try:
-            for batch in it:
-                if not put(batch):
+            for batch in self._it:
+                if not self._put(batch):
                     return
-            put(_DONE)
+            self._put(_DONE)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
-            put(_Failed(exc))
+            self._put(_Failed(exc))
 
-    worker = threading.Thread(target=produce, name="ecomtrain-prefetch", daemon=True)
-    worker.start()
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        item = self._q.get()
+        if item is _DONE:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _Failed):
+            self._done = True
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join(timeout=10)
+
+
+def _prefetched(it, depth: int):
+    """Generator form of ``_Prefetcher``: closing the generator stops the thread."""
+    reader = _Prefetcher(it, depth)
     try:
-        while True:
-            item = q.get()
-            if item is _DONE:
-                return
-            if isinstance(item, _Failed):
-                raise item.exc
-            yield item
+        yield from reader
     finally:
-        stop.set()
-        worker.join(timeout=10)
+        reader.close()
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -155,6 +220,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def _apply_resume(self, loader: "_ResumableLoader") -> None:
         st, self._resume = self._resume, None
+        loader.drop_ahead()
         if not st or self.trainer is None or self.trainer.state.fn != "fit":
             return
         world = self._topology()[1]
@@ -192,6 +258,10 @@ class ShardDataModule(L.LightningDataModule):
         if self._resume is not None:
             self._apply_resume(self._loader)
         return self._loader
+
+    def teardown(self, stage: str) -> None:
+        if self._loader is not None:
+            self._loader.drop_ahead()  # a read-ahead of the epoch after the last one
 
     def _eval_loader(self, split: str):
         d = self.cfg.data
