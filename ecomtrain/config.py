@@ -191,6 +191,11 @@ class TextEncoderConfig(_Section):
         description="hybrid: probability that an item's ID embedding is dropped (per item, per step) in training, so "
         "text alone must rank it; cold items are always scored by text alone.",
     )
+    adapter_init: Literal["torch", "matched"] = Field(
+        "torch",
+        description="Initial scale of the adapter: 'torch' (nn.Linear's default: projected text starts ~30x larger than an ID "
+        "embedding), 'matched' (output std = the backbone's init std, the scale of an ID embedding).",
+    )
     id_init: Literal["random", "text"] = Field(
         "random",
         description="id/hybrid with a random-init backbone: 'text' starts each item's ID row at the item text table's top "

@@ -464,3 +464,15 @@ def test_id_init_text_trains_and_refuses_what_it_cannot_do(tmp_path, cold_datase
         _cfg(cold_dataset, tmp_path / "r", model__items="text", model__item_text={"id_init": "text"})
     with pytest.raises(RecipeError, match="init_items_from_text"):
         _cfg(cold_dataset, tmp_path / "r", model__item_text={"id_init": "text"}, model__backbone={"pretrained": str(tmp_path)})
+
+
+@pytest.mark.parametrize("adapter", ["linear", "mlp"])
+def test_matched_adapter_starts_text_at_the_id_embedding_scale(adapter):
+    from ecomtrain.model.items import ItemTower
+
+    torch.manual_seed(0)
+    table = torch.cat([torch.zeros(1, 384), torch.randn(2000, 384) * 3 + 1])
+    default = ItemTower(table, 64, adapter).vectors().std().item()
+    matched = ItemTower(table, 64, adapter, out_std=0.02).vectors().std().item()
+    assert 0.01 < matched < 0.03 if adapter == "linear" else 0.002 < matched < 0.03
+    assert default > 10 * matched  # nn.Linear's own init: projected text ~30x an ID embedding (linear)

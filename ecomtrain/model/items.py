@@ -50,7 +50,8 @@ def text_pca_rows(table: torch.Tensor, hidden: int, std: float, seed: int = 0) -
 
 
 class ItemTower(nn.Module):
-    def __init__(self, table: torch.Tensor, hidden: int, adapter: str = "linear", id_free: Optional[torch.Tensor] = None):
+    def __init__(self, table: torch.Tensor, hidden: int, adapter: str = "linear", id_free: Optional[torch.Tensor] = None,
+                 out_std: Optional[float] = None):
         super().__init__()
         table = table.float()
         body = table[1:]
@@ -63,6 +64,13 @@ class ItemTower(nn.Module):
             self.adapter = nn.Sequential(nn.Linear(d, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden))
         else:
             self.adapter = nn.Linear(d, hidden)
+        if out_std is not None:
+            # inputs are standardised (unit variance per dim): N(0, out_std^2 / fan_in) weights give
+            # outputs of std ~out_std, the scale of the backbone's ID embeddings at init
+            last = self.adapter if isinstance(self.adapter, nn.Linear) else self.adapter[-1]
+            with torch.no_grad():
+                last.weight.normal_(0.0, out_std / last.weight.shape[1] ** 0.5)
+                last.bias.zero_()
         # items scored by text alone in hybrid mode (index 0 = padding)
         free = id_free if id_free is not None else torch.zeros(table.shape[0], dtype=torch.bool)
         self.register_buffer("id_free", free.bool(), persistent=False)

@@ -128,7 +128,8 @@ class RecModule(L.LightningModule):
                 raise ValueError(f"model.items={mc.items}: no item text table (module_for_dataset prepares it)")
             # items with no training occurrence are scored by text alone in hybrid mode
             id_free = torch.cat([torch.zeros(1, dtype=torch.bool), self.popularity.cpu() == 0])
-            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free)
+            out_std = float(getattr(lm.config, "initializer_range", 0.02)) if mc.item_text.adapter_init == "matched" else None
+            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free, out_std=out_std)
         side = None
         flags = mc.inputs.model_dump()
         if any(flags.values()):
