@@ -36,9 +36,41 @@ VARIANTS = {"hybrid": HYBRID, "id": ID, "hybrid_cold": HYBRID + COLD, "id_cold":
 PHASES = [["hybrid"], ["id", "hybrid_cold"], ["id_cold"]]
 
 
-def run_phase(names: list[str], work: Path, cores: int, extra: list[str]) -> dict:
+def _variant_key(name: str, extra: list[str]) -> str:
+    """What a variant's result depends on: its arguments and the recipe file's bytes."""
+    import hashlib
+
+    args = [*VARIANTS[name], *extra]
+    return hashlib.sha256("\0".join(args).encode() + (ROOT / args[0]).read_bytes()).hexdigest()[:16]
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return head + ("+uncommitted" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def run_phase(names: list[str], work: Path, cores: int, extra: list[str], reuse: bool = False) -> dict:
+    results = {}
+    if reuse:  # results of an earlier invocation on the same WORK, same arguments and recipe bytes
+        for name in list(names):
+            f = work / f"{name}.json"
+            try:
+                old = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if old.get("variant_key") == _variant_key(name, extra):
+                print(f"[{time.strftime('%H:%M:%S')}] reuse {name} from {f} (commit {old.get('commit')})", file=sys.stderr, flush=True)
+                results[name] = old
+                names = [n for n in names if n != name]
+    if not names:
+        return results
     threads = max(1, cores // len(names))
     procs = {}
+    commit = _commit()
     for name in names:
         cmd = [sys.executable, "bench/quality.py", *VARIANTS[name], "--data", DATA, "--work", str(work / name),
                "--label", name, "logging.wandb.enabled=false", *extra]
@@ -46,7 +78,6 @@ def run_phase(names: list[str], work: Path, cores: int, extra: list[str]) -> dic
         out, err = open(work / f"{name}.json", "w"), open(work / f"{name}.log", "w")
         print(f"[{time.strftime('%H:%M:%S')}] start {name} (OMP_NUM_THREADS={threads}): {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err), out, err)
-    results = {}
     for name, (p, out, err) in procs.items():
         rc = p.wait()
         out.close(), err.close()
@@ -56,6 +87,9 @@ def run_phase(names: list[str], work: Path, cores: int, extra: list[str]) -> dic
         results[name] = json.loads((work / f"{name}.json").read_text())
         results[name]["omp_num_threads"] = threads
         results[name]["ran_beside"] = [n for n in names if n != name]
+        results[name]["commit"] = commit
+        results[name]["variant_key"] = _variant_key(name, extra)
+        (work / f"{name}.json").write_text(json.dumps(results[name], indent=2) + "\n")
         print(f"[{time.strftime('%H:%M:%S')}] done {name}: test hr@10 {results[name]['test']['hr@10']} "
               f"ndcg@10 {results[name]['test']['ndcg@10']} in {results[name]['wall_seconds']} s", file=sys.stderr, flush=True)
     return results
@@ -66,6 +100,9 @@ def main() -> int:
     ap.add_argument("--work", required=True, help="scratch folder (built data and runs of every variant)")
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--phases", nargs="*", help="override the phases, e.g. hybrid id,hybrid_cold id_cold")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a variant's result from an earlier invocation on the same WORK when its arguments and recipe "
+                         "bytes are unchanged (each variant records the commit it ran on)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every variant")
     a = ap.parse_intermixed_args()
     phases = [p.split(",") for p in a.phases] if a.phases else PHASES
@@ -77,7 +114,7 @@ def main() -> int:
     t0 = time.time()
     results: dict = {}
     for names in phases:
-        results.update(run_phase(names, work, a.cores, a.overrides))
+        results.update(run_phase(names, work, a.cores, a.overrides, a.reuse))
     summary = {}
     if "hybrid" in results:
         h = results["hybrid"]
