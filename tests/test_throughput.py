@@ -134,10 +134,13 @@ def test_prefetch_keeps_order_and_propagates_errors():
     # closing early stops the producer thread
     import threading
 
+    before = {t for t in threading.enumerate() if t.name == "ecomtrain-prefetch"}
     g = _prefetched(iter(range(10**9)), 2)
     assert next(g) == 0
+    mine = {t for t in threading.enumerate() if t.name == "ecomtrain-prefetch"} - before
+    assert len(mine) == 1
     g.close()
-    assert not any(t.name == "ecomtrain-prefetch" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.is_alive() for t in mine)
 
 
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
@@ -181,8 +184,6 @@ def test_read_ahead_starts_the_next_epoch_early_in_the_same_order(tiny_dataset):
     """With in-process prefetch, the next epoch's reader starts as soon as an epoch's last batch is read
     (its shuffle-buffer fill and first collates overlap Lightning's epoch end and validation); the batches
     are exactly those of a loader that reads each epoch on demand, and a reposition discards the read-ahead."""
-    import threading
-
     import torch
 
     from ecomtrain.data import build
@@ -216,4 +217,35 @@ def test_read_ahead_starts_the_next_epoch_early_in_the_same_order(tiny_dataset):
     assert ahead._ahead is None
     assert [b["items"].tolist() for b in ahead] == [b["items"].tolist() for b in plain] == want[1][2:]
     ahead.drop_ahead()
-    assert not any(th.name == "ecomtrain-prefetch" and th.is_alive() for th in threading.enumerate())
+    assert not ahead._ahead and not plain._ahead
+
+
+def test_no_reader_thread_outlives_a_run(tiny_dataset, tmp_path):
+    """A finished run and a run that fails after an epoch end (here: in validation, after the read-ahead of
+    the next epoch started) both leave no prefetch thread behind (datamodule teardown / on_exception)."""
+    import threading
+
+    import lightning as L
+
+    def prefetchers():
+        return {t for t in threading.enumerate() if t.name == "ecomtrain-prefetch" and t.is_alive()}
+
+    before = prefetchers()
+    ahead = []
+
+    class Spy(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):  # Lightning never asks past the last batch
+            ahead.append(trainer.train_dataloader._ahead[0] if trainer.train_dataloader._ahead else None)
+
+    _train(tiny_dataset, tmp_path / "ok", callbacks=[Spy()], trainer__max_epochs=2)
+    assert ahead == [1, 2]  # the next epoch was being read before this one's validation
+    assert not (prefetchers() - before)
+
+    class Boom(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            if trainer.current_epoch == 0 and not trainer.sanity_checking:
+                raise RuntimeError("boom in validation")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _train(tiny_dataset, tmp_path / "bad", callbacks=[Boom()], trainer__max_epochs=2)
+    assert not (prefetchers() - before)

@@ -33,7 +33,7 @@ class _ResumableLoader(EpochLoader):
     (read by train/throughput.py for the data-wait fraction).
 
     Read-ahead across epochs (in-process reading with ``prefetch`` > 0): when an epoch's last batch
-    has been read, the next epoch's reader starts at once in its prefetch thread -- filling the
+    is handed out, the next epoch's reader starts at once in its prefetch thread -- filling the
     shuffle buffer and collating the first batches while Lightning closes the epoch and validates
     -- instead of when the training loop asks for that epoch's first batch. It is the very iterator
     the next epoch would create (same dataset, epoch, skip 0, loader generator), so the batch
@@ -58,15 +58,22 @@ class _ResumableLoader(EpochLoader):
                 if self.num_workers == 0 and self.prefetch > 0:
                     it = _Prefetcher(it, self.prefetch)
             self._next_epoch += 1
+            n, first = 0, 0
             try:
                 while True:
                     t0 = time.perf_counter()
                     try:
                         batch = next(it)
                     except StopIteration:
-                        self._start_ahead()
                         return
                     self.wait_seconds += time.perf_counter() - t0
+                    if n == 0:  # the stream applied (and cleared) a resume skip when it started
+                        first = int(getattr(self.dataset, "applied_skip", 0) or 0) if self.num_workers == 0 else 0
+                    n += 1
+                    # Lightning knows len(loader) and never asks past the last batch: the read-ahead
+                    # starts when that batch is handed out
+                    if first + n == len(self.dataset):
+                        self._start_ahead()
                     yield batch
             finally:
                 if isinstance(it, _Prefetcher):
@@ -262,6 +269,9 @@ class ShardDataModule(L.LightningDataModule):
     def teardown(self, stage: str) -> None:
         if self._loader is not None:
             self._loader.drop_ahead()  # a read-ahead of the epoch after the last one
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.teardown("exception")  # a run that fails after an epoch end leaves no reader thread behind
 
     def _eval_loader(self, split: str):
         d = self.cfg.data
