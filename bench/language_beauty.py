@@ -32,7 +32,8 @@ ITEMS = "../shared/data/amazon-beauty/items.tsv"
 HYBRID = ["recipes/amazon-beauty-hybrid/full_single.yaml", "--items", ITEMS]
 ID = ["recipes/amazon-beauty/full_single.yaml"]
 COLD = ["data.build.cold_items=0.05"]
-VARIANTS = {"hybrid": HYBRID, "id": ID, "hybrid_cold": HYBRID + COLD, "id_cold": ID + COLD}
+TEXT_INIT = ["recipes/amazon-beauty-hybrid/text_init.yaml", "--items", ITEMS]
+VARIANTS = {"hybrid": HYBRID, "id": ID, "hybrid_cold": HYBRID + COLD, "id_cold": ID + COLD, "text_init": TEXT_INIT}
 PHASES = [["hybrid"], ["id", "hybrid_cold"], ["id_cold"]]
 
 
