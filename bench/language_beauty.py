@@ -32,17 +32,21 @@ ITEMS = "../shared/data/amazon-beauty/items.tsv"
 HYBRID = ["recipes/amazon-beauty-hybrid/full_single.yaml", "--items", ITEMS]
 ID = ["recipes/amazon-beauty/full_single.yaml"]
 COLD = ["data.build.cold_items=0.05"]
-TEXT_INIT = ["recipes/amazon-beauty-hybrid/text_init.yaml", "--items", ITEMS]
+TEXT_INIT = ["recipes/amazon-beauty-text-init/full_single.yaml", "--items", ITEMS]
 VARIANTS = {"hybrid": HYBRID, "id": ID, "hybrid_cold": HYBRID + COLD, "id_cold": ID + COLD, "text_init": TEXT_INIT}
 PHASES = [["hybrid"], ["id", "hybrid_cold"], ["id_cold"]]
 
 
 def _variant_key(name: str, extra: list[str]) -> str:
-    """What a variant's result depends on: its arguments and the recipe file's bytes."""
+    """What a variant's result depends on: the validated recipe (not its path or comments) and the other arguments."""
     import hashlib
 
-    args = [*VARIANTS[name], *extra]
-    return hashlib.sha256("\0".join(args).encode() + (ROOT / args[0]).read_bytes()).hexdigest()[:16]
+    sys.path.insert(0, str(ROOT))
+    from ecomtrain.config import load_recipe
+
+    recipe, *rest = VARIANTS[name]
+    cfg = json.dumps(load_recipe(ROOT / recipe).model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256("\0".join([cfg, *rest, *extra]).encode()).hexdigest()[:16]
 
 
 def _commit() -> str:
