@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--out", help="also write the JSON object to this file (e.g. bench/results/train_throughput_cpu.json)")
     ap.add_argument("--profile-callers", nargs="*", default=[], metavar="NAME",
                     help="with --profile: also print the callers of functions matching these names")
+    ap.add_argument("--read-ahead", choices=["on", "off"], default="on",
+                    help="ecomtrain arm: start the next epoch's reader at an epoch's last batch (train/datamodule.py) or on demand")
     ap.add_argument("--profile-dump", metavar="DIR", help="with --profile: also write each side's raw cProfile stats to DIR/<side>.prof (pstats)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="instead of timing: cProfile (main-thread CPU time) one ecomtrain run and one plain run, print the top N entries "
@@ -77,6 +79,9 @@ def main() -> None:
     }
     cfg = validate_tree(tree)
     total = a.steps + a.warmup
+    from ecomtrain.train.datamodule import _ResumableLoader
+
+    _ResumableLoader.read_ahead = a.read_ahead == "on"
 
     # ---- the batches, pre-collated once for the plain loop
     L.seed_everything(0, verbose=False)
