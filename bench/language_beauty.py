@@ -60,7 +60,7 @@ def _commit() -> str:
 
 def run_phase(names: list[str], work: Path, cores: int, extra: list[str], reuse: bool = False) -> dict:
     results = {}
-    if reuse:  # results of an earlier invocation on the same WORK, same arguments and recipe bytes
+    if reuse:  # results of an earlier invocation on the same WORK, same arguments and validated recipe
         for name in list(names):
             f = work / f"{name}.json"
             try:
@@ -106,8 +106,8 @@ def main() -> int:
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--phases", nargs="*", help="override the phases, e.g. hybrid id,hybrid_cold id_cold")
     ap.add_argument("--reuse", action="store_true",
-                    help="take a variant's result from an earlier invocation on the same WORK when its arguments and recipe "
-                         "bytes are unchanged (each variant records the commit it ran on)")
+                    help="take a variant's result from an earlier invocation on the same WORK when its arguments and validated "
+                         "recipe are unchanged (each variant records the commit it ran on)")
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every variant")
     a = ap.parse_intermixed_args()
     phases = [p.split(",") for p in a.phases] if a.phases else PHASES

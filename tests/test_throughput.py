@@ -118,9 +118,9 @@ def test_peak_table():
 
 def test_prefetch_keeps_order_and_propagates_errors():
     from ecomtrain.data.importers import DataError
-    from ecomtrain.train.datamodule import _prefetched
+    from ecomtrain.train.datamodule import _Prefetcher
 
-    assert list(_prefetched(iter(range(100)), 2)) == list(range(100))
+    assert list(_Prefetcher(iter(range(100)), 2)) == list(range(100))
 
     def broken():
         yield 1
@@ -128,14 +128,14 @@ def test_prefetch_keeps_order_and_propagates_errors():
 
     got = []
     with pytest.raises(DataError, match="x.tar"):
-        for v in _prefetched(broken(), 2):
+        for v in _Prefetcher(broken(), 2):
             got.append(v)
     assert got == [1]
     # closing early stops the producer thread
     import threading
 
     before = {t for t in threading.enumerate() if t.name == "ecomtrain-prefetch"}
-    g = _prefetched(iter(range(10**9)), 2)
+    g = _Prefetcher(iter(range(10**9)), 2)
     assert next(g) == 0
     mine = {t for t in threading.enumerate() if t.name == "ecomtrain-prefetch"} - before
     assert len(mine) == 1

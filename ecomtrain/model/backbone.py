@@ -120,7 +120,7 @@ def set_item_rows(lm, first_row: int, rows: torch.Tensor) -> None:
     A ZeRO-3-partitioned weight is gathered, written on rank 0 and re-partitioned (every rank calls this)."""
     weights = [lm.get_input_embeddings().weight]
     out = lm.get_output_embeddings()
-    if out is not None and out.weight is not weights[0] and out.weight.data_ptr() != weights[0].data_ptr():
+    if out is not None and out.weight is not weights[0]:  # tied heads share the Parameter
         weights.append(out.weight)
     for w in weights:
         if hasattr(w, "ds_id"):

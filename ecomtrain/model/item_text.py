@@ -213,15 +213,16 @@ def prepare(cfg: Recipe, manifest: dict, log=print) -> Optional[ItemText]:
     from ..data.catalog import load_catalog, render
     from ..data.importers import DataError
 
+    init_only = cfg.model.items == "id" and cfg.model.item_text.id_init != "text"  # tokens from a pretrained backbone's text
     cat = load_catalog(cfg.data.path, manifest)
     try:
         texts = render(cat, cfg.data.item_text.template, log=log).to_list()
     except DataError as exc:
-        if cfg.model.items == "id" and cfg.model.item_text.id_init != "text":  # text only initialises: fine without it
+        if init_only:  # text only initialises the item tokens: fine without it
             log(f"item text unavailable ({exc}); item tokens start at random")
             return None
         raise
-    if cfg.model.items == "id" and cfg.model.item_text.id_init != "text":
+    if init_only:
         return ItemText(texts, None)
     table, key, path = text_table(cfg, texts, cfg.data.path, log=log)
     return ItemText(texts, table, key, str(path))

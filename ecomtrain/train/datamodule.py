@@ -176,15 +176,6 @@ class _Prefetcher:
         self._worker.join(timeout=10)
 
 
-def _prefetched(it, depth: int):
-    """Generator form of ``_Prefetcher``: closing the generator stops the thread."""
-    reader = _Prefetcher(it, depth)
-    try:
-        yield from reader
-    finally:
-        reader.close()
-
-
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, cfg: Recipe, task, manifest: dict | None = None):
         super().__init__()

@@ -104,14 +104,14 @@ class RecModule(L.LightningModule):
         mc = self.cfg.model
         texts = self.item_text.texts if self.item_text is not None else None
         lm, vocab, tok = build_causal_lm(mc, self.num_items, texts, self.cfg.data.item_text.max_length)
+        init_std = float(getattr(lm.config, "initializer_range", 0.02))  # the scale of a fresh ID embedding
         if mc.item_text.id_init == "text" and mc.items != "text":
             from ..model.backbone import set_item_rows
             from ..model.items import text_pca_rows
 
             if self.item_text is None or self.item_text.table is None:
                 raise ValueError("model.item_text.id_init=text: no item text table (module_for_dataset prepares it)")
-            std = float(getattr(lm.config, "initializer_range", 0.02))
-            set_item_rows(lm, vocab.offset, text_pca_rows(self.item_text.table, lm.config.hidden_size, std, self.cfg.run.seed))
+            set_item_rows(lm, vocab.offset, text_pca_rows(self.item_text.table, lm.config.hidden_size, init_std, self.cfg.run.seed))
             if mc.items == "id":  # the table only initialised the rows: do not hold a 1 M-item table for nothing
                 self.item_text.table = None
         if self.cfg.model.activation_checkpointing:
@@ -128,7 +128,7 @@ class RecModule(L.LightningModule):
                 raise ValueError(f"model.items={mc.items}: no item text table (module_for_dataset prepares it)")
             # items with no training occurrence are scored by text alone in hybrid mode
             id_free = torch.cat([torch.zeros(1, dtype=torch.bool), self.popularity.cpu() == 0])
-            out_std = float(getattr(lm.config, "initializer_range", 0.02)) if mc.item_text.adapter_init == "matched" else None
+            out_std = init_std if mc.item_text.adapter_init == "matched" else None
             tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free, out_std=out_std)
         side = None
         flags = mc.inputs.model_dump()

@@ -118,9 +118,9 @@ class ThroughputMonitor(Callback):
     @staticmethod
     def _write(trainer, figures: dict[str, float]) -> None:
         """Straight to the loggers from rank 0, at Lightning's own step counter (as its LearningRateMonitor
-        does). ``LightningModule.log_dict`` costs ~28 ms for these five floats on CPU (Lightning builds and
-        checks a result-collection entry per key and call): 3-4 % of a small model's step time at
-        log_every_n_steps=10, for figures that are already window averages and need no reduction."""
+        does). These are window averages that need no reduction; ``LightningModule.log_dict`` spent ~28 ms per
+        call on them under cProfile (a result-collection entry per key and call), though wall-clock runs did
+        not resolve the difference (docs/perf.md)."""
         if not trainer.is_global_zero or not trainer.loggers:
             return
         step = trainer.fit_loop.epoch_loop._batches_that_stepped
