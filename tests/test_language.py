@@ -476,3 +476,21 @@ def test_matched_adapter_starts_text_at_the_id_embedding_scale(adapter):
     matched = ItemTower(table, 64, adapter, out_std=0.02).vectors().std().item()
     assert 0.01 < matched < 0.03 if adapter == "linear" else 0.002 < matched < 0.03
     assert default > 10 * matched  # nn.Linear's own init: projected text ~30x an ID embedding (linear)
+
+
+def test_eval_of_an_id_init_run_needs_no_encoder(tmp_path, cold_dataset):
+    """id mode uses the text only to start item rows; `ecomtrain eval` loads the checkpoint's rows, so it
+    neither renders nor encodes the catalog: the encoder folder may be gone, and the figures are the run's own."""
+    import shutil
+
+    from ecomtrain.train.evaluate import evaluate
+    from ecomtrain.train.runner import train
+
+    enc = save_tiny_bert(tmp_path / "bert")
+    cfg = _cfg(cold_dataset, tmp_path / "run", model__item_text={"encoder": str(enc), "id_init": "text"},
+               data__item_text={"template": "{title}; brand: {brand}"})
+    run_dir = train(cfg, log=lambda *_: None)
+    want = json.loads((run_dir / "metrics.json").read_text())
+    shutil.rmtree(enc)
+    got = evaluate(str(run_dir), split="test", ckpt="best")
+    assert got["test/ndcg@10"] == pytest.approx(want["test/ndcg@10"], abs=1e-6)

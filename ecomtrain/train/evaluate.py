@@ -51,7 +51,8 @@ def evaluate(run_dir: str, split: str = "test", ckpt: str = "best", overrides: O
         manifest = load_manifest(cfg.data.path)
         import sys
 
-        module = module_for_dataset(cfg, manifest, log=lambda *a: print(*a, file=sys.stderr))  # stdout: the metrics JSON only
+        # stdout: the metrics JSON only; weights come from the checkpoint, so no text init
+        module = module_for_dataset(cfg, manifest, log=lambda *a: print(*a, file=sys.stderr), init_from_text=False)
         dm = ShardDataModule(cfg, module.task, manifest)
         trainer = L.Trainer(
             accelerator=resolve_accelerator(cfg.trainer), devices=1, logger=False, enable_progress_bar=False,

@@ -41,9 +41,12 @@ def lr_lambda(step: int, total: int, warmup: int, kind: str, min_ratio: float) -
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def module_for_dataset(cfg: Recipe, manifest: dict, log=print) -> "RecModule":
+def module_for_dataset(cfg: Recipe, manifest: dict, log=print, init_from_text: bool = True) -> "RecModule":
     """The RecModule for a built dataset: its catalog size, train-split popularity, cold items and
-    (model.items text/hybrid, or a pretrained backbone's id init) the item text of model/item_text.py."""
+    (model.items text/hybrid, or a pretrained backbone's id init) the item text of model/item_text.py.
+
+    ``init_from_text=False`` (weights come from a checkpoint): in id mode the item text would only
+    initialise item rows that the checkpoint overwrites, so it is neither rendered nor encoded."""
     from pathlib import Path
 
     import polars as pl
@@ -61,7 +64,7 @@ def module_for_dataset(cfg: Recipe, manifest: dict, log=print) -> "RecModule":
     meta = {k: manifest[k] for k in _META if k in manifest}
     return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts, data_meta=meta,
                      item_category=cats, item_titles=titles, channels=manifest.get("channels") or [],
-                     item_text=prepare(cfg, manifest, log=log), cold=cold)
+                     item_text=prepare(cfg, manifest, log=log) if init_from_text or cfg.model.items != "id" else None, cold=cold)
 
 
 class RecModule(L.LightningModule):
@@ -105,11 +108,12 @@ class RecModule(L.LightningModule):
         texts = self.item_text.texts if self.item_text is not None else None
         lm, vocab, tok = build_causal_lm(mc, self.num_items, texts, self.cfg.data.item_text.max_length)
         init_std = float(getattr(lm.config, "initializer_range", 0.02))  # the scale of a fresh ID embedding
-        if mc.item_text.id_init == "text" and mc.items != "text":
+        # id mode built for a checkpoint's weights has no item text (module_for_dataset(init_from_text=False))
+        if mc.item_text.id_init == "text" and mc.items != "text" and self.item_text is not None:
             from ..model.backbone import set_item_rows
             from ..model.items import text_pca_rows
 
-            if self.item_text is None or self.item_text.table is None:
+            if self.item_text.table is None:
                 raise ValueError("model.item_text.id_init=text: no item text table (module_for_dataset prepares it)")
             set_item_rows(lm, vocab.offset, text_pca_rows(self.item_text.table, lm.config.hidden_size, init_std, self.cfg.run.seed))
             if mc.items == "id":  # the table only initialised the rows: do not hold a 1 M-item table for nothing
