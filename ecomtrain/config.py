@@ -191,10 +191,16 @@ class TextEncoderConfig(_Section):
         description="hybrid: probability that an item's ID embedding is dropped (per item, per step) in training, so "
         "text alone must rank it; cold items are always scored by text alone.",
     )
-    adapter_init: Literal["torch", "matched"] = Field(
+    adapter_init: Literal["torch", "matched", "zero"] = Field(
         "torch",
         description="Initial scale of the adapter: 'torch' (nn.Linear's default: projected text starts ~30x larger than an ID "
-        "embedding), 'matched' (output std = the backbone's init std, the scale of an ID embedding).",
+        "embedding), 'matched' (output std = the backbone's init std, the scale of an ID embedding), 'zero' (hybrid only: the "
+        "adapter's last layer starts at zero, so the model starts as its ID part and the text part is learned from there).",
+    )
+    adapter_lr: float = Field(
+        1.0, gt=0,
+        description="text/hybrid: the adapter's learning rate as a multiple of optim.lr. The adapter is shared by every item, so "
+        "each Adam step moves all items' text parts at once; values below 1 keep it from swamping the per-item ID rows.",
     )
     id_init: Literal["random", "text"] = Field(
         "random",
@@ -580,6 +586,9 @@ class Recipe(_Section):
             if m.backbone.pretrained:
                 raise ValueError("model.item_text.id_init: text is for random-init backbones; a pretrained backbone initialises "
                                  "item tokens from its own embeddings (model.backbone.init_items_from_text)")
+        if m.item_text.adapter_init == "zero" and m.items != "hybrid":
+            raise ValueError(f"model.item_text.adapter_init: zero starts the text part at zero, which only a hybrid has an ID part "
+                             f"to start from; model.items={m.items}: use torch or matched")
         return self
 
     @property

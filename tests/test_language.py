@@ -478,6 +478,66 @@ def test_matched_adapter_starts_text_at_the_id_embedding_scale(adapter):
     assert default > 10 * matched  # nn.Linear's own init: projected text ~30x an ID embedding (linear)
 
 
+def test_zero_adapter_starts_hybrid_as_its_id_part_and_adapter_lr_scales_the_text_part(tmp_path, cold_dataset):
+    """adapter_init: zero: a hybrid starts exactly as its ID part (text part 0 for every item) and learns the text
+    part from there; adapter_lr puts the adapter in its own optimizer groups at lr x multiplier, through the
+    scheduler; after training, cold items (scored by text alone) get distinct, finite, text-dependent scores."""
+    import lightning as L
+
+    from ecomtrain.data.build import load_manifest
+    from ecomtrain.train.module import module_for_dataset
+    from ecomtrain.train.runner import train
+
+    enc = save_tiny_bert(tmp_path / "bert")
+    over = dict(model__items="hybrid", data__item_text={"template": "{title}; brand: {brand}"},
+                model__item_text={"encoder": str(enc), "id_init": "text", "adapter_init": "zero", "adapter_lr": 0.1})
+    module = module_for_dataset(_cfg(cold_dataset, tmp_path / "r0", **over), load_manifest(cold_dataset), log=lambda *_: None)
+    module.configure_model()
+    tower = module.net.tower
+    assert torch.count_nonzero(tower.vectors()) == 0
+    module.eval()
+    h = torch.randn(3, module.net.lm.config.hidden_size)
+    ids = torch.arange(1, module.num_items + 1)
+    warm = ~tower.id_free[ids]
+    assert warm.any() and (~warm).any()
+    with torch.no_grad():
+        got = module.net.item_logits(h)
+        want = module.net._id_head(h, 0, module.num_items)  # the ID rows alone
+    assert torch.allclose(got[:, warm], want[:, warm], atol=1e-6) and torch.all(got[:, ~warm] == 0)
+
+    seen = {}
+
+    class Groups(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, *a):
+            if not seen:
+                opt = trainer.optimizers[0]
+                tower_ids = {id(p) for p in pl_module.net.tower.parameters()}
+                for g in opt.param_groups:
+                    kind = "tower" if any(id(p) in tower_ids for p in g["params"]) else "rest"
+                    assert all((id(p) in tower_ids) == (kind == "tower") for p in g["params"])
+                    seen.setdefault(kind, set()).add((g["initial_lr"], g["lr"]))
+
+    cfg = _cfg(cold_dataset, tmp_path / "run", **over)
+    run_dir = train(cfg, log=lambda *_: None, callbacks=[Groups()])
+    lr = cfg.optim.lr
+    assert sorted(i for i, _ in seen["tower"]) == pytest.approx([0.1 * lr]) and sorted(i for i, _ in seen["rest"]) == pytest.approx([lr])
+    # the scheduler scales both alike: the ratio holds at every step
+    (t_lr,), (r_lr,) = {x for _, x in seen["tower"]}, {x for _, x in seen["rest"]}
+    assert t_lr == pytest.approx(0.1 * r_lr)
+    ckpt = next((run_dir / "checkpoints").glob("last*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    w = next(v for k, v in state.items() if k.startswith("net.tower.adapter") and k.endswith("weight"))
+    assert torch.count_nonzero(w) > 0  # the text part was learned from zero
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert 0 <= m["test_cold/ndcg@10"] <= 1
+
+
+def test_zero_adapter_is_for_hybrid_only(tmp_path, cold_dataset):
+    for items in ("id", "text"):
+        with pytest.raises(RecipeError, match="model.item_text.adapter_init"):
+            _cfg(cold_dataset, tmp_path / "r", model__items=items, model__item_text={"adapter_init": "zero"})
+
+
 def test_eval_of_an_id_init_run_needs_no_encoder(tmp_path, cold_dataset):
     """id mode uses the text only to start item rows; `ecomtrain eval` loads the checkpoint's rows, so it
     neither renders nor encodes the catalog: the encoder folder may be gone, and the figures are the run's own."""

@@ -52,6 +52,8 @@ def text_pca_rows(table: torch.Tensor, hidden: int, std: float, seed: int = 0) -
 class ItemTower(nn.Module):
     def __init__(self, table: torch.Tensor, hidden: int, adapter: str = "linear", id_free: Optional[torch.Tensor] = None,
                  out_std: Optional[float] = None):
+        """``out_std``: None keeps nn.Linear's init; a float scales the last layer so projected text starts at that std;
+        0 starts the last layer at zero (hybrid ``adapter_init: zero``: the model starts as its ID part)."""
         super().__init__()
         table = table.float()
         body = table[1:]
@@ -69,7 +71,10 @@ class ItemTower(nn.Module):
             # outputs of std ~out_std, the scale of the backbone's ID embeddings at init
             last = self.adapter if isinstance(self.adapter, nn.Linear) else self.adapter[-1]
             with torch.no_grad():
-                last.weight.normal_(0.0, out_std / last.weight.shape[1] ** 0.5)
+                if out_std > 0:
+                    last.weight.normal_(0.0, out_std / last.weight.shape[1] ** 0.5)
+                else:
+                    last.weight.zero_()
                 last.bias.zero_()
         # items scored by text alone in hybrid mode (index 0 = padding)
         free = id_free if id_free is not None else torch.zeros(table.shape[0], dtype=torch.bool)
