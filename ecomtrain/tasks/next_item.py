@@ -115,6 +115,23 @@ def _side(samples: list[dict], bounds: list[tuple[int, int]], flags: dict) -> Op
     return {k: _pad([r[k] for r in rows]) for k in rows[0]}
 
 
+def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """Mean cross-entropy with label smoothing ``eps`` spread over the columns that can be predicted.
+
+    text/hybrid training sets the logits of items with no training occurrence to -inf (ItemLM._unseen_out);
+    torch's ``label_smoothing`` would put mass on them and give an infinite loss at step 0. Here those columns
+    leave the smoothing term; with no -inf column this is exactly ``F.cross_entropy(..., label_smoothing=eps)``."""
+    if eps <= 0:
+        return F.cross_entropy(logits, target)
+    off = torch.isneginf(logits)
+    if not bool(off.any()):
+        return F.cross_entropy(logits, target, label_smoothing=eps)
+    lp = logits.log_softmax(-1)
+    nll = -lp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    smooth = -lp.masked_fill(off, 0.0).sum(-1) / (~off).sum(-1).clamp(min=1)
+    return ((1 - eps) * nll + eps * smooth).mean()
+
+
 @register_task("next_item")
 class NextItemTask(Task):
     """Full-catalog next-item ranking; metrics.json keys are the contract's (test/ndcg@10, ...)."""
@@ -194,7 +211,7 @@ class NextItemTask(Task):
         mask = labels > 0
         pos = batch.get("position_ids")
         logits = net.item_logits(net.hidden(batch["items"], position_ids=pos, side=batch.get("side"))[mask])
-        loss = F.cross_entropy(logits.float(), labels[mask] - 1, label_smoothing=self.label_smoothing)
+        loss = smoothed_cross_entropy(logits.float(), labels[mask] - 1, self.label_smoothing)
         if self.consistency_weight > 0:
             from ..consistency import prefix_kl
 
