@@ -512,14 +512,16 @@ def test_zero_adapter_starts_hybrid_as_its_id_part_and_adapter_lr_scales_the_tex
             if not seen:
                 opt = trainer.optimizers[0]
                 tower_ids = {id(p) for p in pl_module.net.tower.parameters()}
+                seen["n_groups"] = len(opt.param_groups)
                 for g in opt.param_groups:
-                    kind = "tower" if any(id(p) in tower_ids for p in g["params"]) else "rest"
-                    assert all((id(p) in tower_ids) == (kind == "tower") for p in g["params"])
+                    tower = {id(p) in tower_ids for p in g["params"]}
+                    kind = "tower" if tower == {True} else "rest" if tower == {False} else "mixed"
                     seen.setdefault(kind, set()).add((g["initial_lr"], g["lr"]))
 
     cfg = _cfg(cold_dataset, tmp_path / "run", **over)
     run_dir = train(cfg, log=lambda *_: None, callbacks=[Groups()])
     lr = cfg.optim.lr
+    assert "mixed" not in seen and seen["n_groups"] == 4
     assert sorted(i for i, _ in seen["tower"]) == pytest.approx([0.1 * lr]) and sorted(i for i, _ in seen["rest"]) == pytest.approx([lr])
     # the scheduler scales both alike: the ratio holds at every step
     (t_lr,), (r_lr,) = {x for _, x in seen["tower"]}, {x for _, x in seen["rest"]}
@@ -530,6 +532,13 @@ def test_zero_adapter_starts_hybrid_as_its_id_part_and_adapter_lr_scales_the_tex
     assert torch.count_nonzero(w) > 0  # the text part was learned from zero
     m = json.loads((run_dir / "metrics.json").read_text())
     assert 0 <= m["test_cold/ndcg@10"] <= 1
+
+    # adapter_lr left at 1: the two groups a hybrid always had (a checkpoint's optimizer state from before
+    # adapter_lr existed still resumes)
+    seen.clear()
+    over["model__item_text"] = {"encoder": str(enc)}
+    train(_cfg(cold_dataset, tmp_path / "run1", **over), log=lambda *_: None, callbacks=[Groups()])
+    assert seen["n_groups"] == 2 and "tower" not in seen and {i for i, _ in seen["mixed"]} == {lr}
 
 
 def test_label_smoothing_leaves_out_items_that_cannot_be_predicted():

@@ -279,7 +279,9 @@ class RecModule(L.LightningModule):
                 continue
             # no weight decay on biases, norms (1-d) and embeddings (side-input tables included)
             nd = p.ndim < 2 or "embed" in name or name.startswith("side.")
-            if name.startswith("tower."):  # the text adapter: its own learning rate (model.item_text.adapter_lr)
+            # the text adapter: its own learning rate (model.item_text.adapter_lr). Only when it differs, so runs
+            # (and their checkpoints' optimizer states) without it keep the two groups they always had
+            if name.startswith("tower.") and self.cfg.model.item_text.adapter_lr != 1.0:
                 (tower_no_decay if nd else tower_decay).append(p)
             else:
                 (no_decay if nd else decay).append(p)
