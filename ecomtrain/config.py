@@ -202,6 +202,17 @@ class TextEncoderConfig(_Section):
         description="text/hybrid: the adapter's learning rate as a multiple of optim.lr. The adapter is shared by every item, so "
         "each Adam step moves all items' text parts at once; values below 1 keep it from swamping the per-item ID rows.",
     )
+    cold_head: bool = Field(
+        False,
+        description="hybrid: a second, text-only scorer for items with no training occurrence (cold items), trained beside the "
+        "model on its detached hidden states (CE over the items with history). At evaluation a cold item is scored by it, a "
+        "warm item by the hybrid, mixed as probabilities: (1 - cold_share) * P_hybrid(warm) + cold_share * P_text(cold).",
+    )
+    cold_share: Union[Literal["auto"], float] = Field(
+        "auto",
+        description="cold_head: the prior share of targets that are cold items. 'auto' estimates it from the validation split "
+        "(targets with no training occurrence, add-one smoothed); a number in (0, 1) sets it.",
+    )
     id_init: Literal["random", "text"] = Field(
         "random",
         description="id/hybrid with a random-init backbone: 'text' starts each item's ID row at the item text table's top "
@@ -586,6 +597,12 @@ class Recipe(_Section):
             if m.backbone.pretrained:
                 raise ValueError("model.item_text.id_init: text is for random-init backbones; a pretrained backbone initialises "
                                  "item tokens from its own embeddings (model.backbone.init_items_from_text)")
+        if m.item_text.cold_head and m.items != "hybrid":
+            raise ValueError(f"model.item_text.cold_head: true scores cold items apart from a hybrid's ID+text scores; "
+                             f"model.items={m.items}: {'text mode scores every item by text already' if m.items == 'text' else 'use hybrid'}")
+        cs = m.item_text.cold_share
+        if cs != "auto" and not 0 < cs < 1:
+            raise ValueError(f"model.item_text.cold_share: {cs} is not 'auto' or a share strictly between 0 and 1")
         if m.item_text.adapter_init == "zero" and m.items != "hybrid":
             raise ValueError(f"model.item_text.adapter_init: zero starts the text part at zero, which only a hybrid has an ID part "
                              f"to start from; model.items={m.items}: use torch or matched")

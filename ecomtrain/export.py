@@ -160,6 +160,7 @@ def write_item_tower(out: Path, cfg, vocab, state: dict) -> None:
     save_file(tensors, str(out / "item_tower.safetensors"))
     (out / "item_tower.json").write_text(json.dumps({
         "mode": cfg.model.items, "adapter": cfg.model.item_text.adapter, "num_items": vocab.num_items,
+        "cold_head": bool(cfg.model.item_text.cold_head),
         "template": cfg.data.item_text.template, "encoder": cfg.model.item_text.encoder, "table_key": it.key,
         "note": "scores = ecomtrain.export.load_exported(DIR)(items, positions); text vectors = adapter((table - mu) / sd)",
     }, indent=1))
@@ -191,7 +192,7 @@ def load_exported(folder: str | Path):
         meta = json.loads((folder / "item_tower.json").read_text())
         t = load_file(str(folder / "item_tower.safetensors"))
         mode = meta["mode"]
-        tower = ItemTower(t["table"], lm.config.hidden_size, meta["adapter"], t["id_free"].bool())
+        tower = ItemTower(t["table"], lm.config.hidden_size, meta["adapter"], t["id_free"].bool(), cold_head=meta.get("cold_head", False))
         tower.load_state_dict({k[len("tower."):]: v for k, v in t.items() if k.startswith("tower.")}, strict=False)
     vocab = ItemVocab(iv["num_items"], iv["first_item_token_id"], iv["pad_token_id"], tokens=mode != "text")
     return ItemLM(lm, vocab, mode=mode, tower=tower).eval()

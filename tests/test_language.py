@@ -599,3 +599,99 @@ def test_eval_of_an_id_init_run_needs_no_encoder(tmp_path, cold_dataset):
     shutil.rmtree(enc)
     got = evaluate(str(run_dir), split="test", ckpt="best")
     assert got["test/ndcg@10"] == pytest.approx(want["test/ndcg@10"], abs=1e-6)
+
+
+# ------------------------------------------------------------------ cold head (hybrid)
+def test_cold_head_mixture_is_a_distribution_and_chunks_equal_the_full_catalog():
+    """A hybrid with a cold head scores log-probabilities at evaluation: exp sums to 1 over the catalog, cold items
+    share ``cold_share`` of it by the cold head's text scores, warm items the rest by the hybrid's own scores (their
+    order unchanged); chunked scoring with ``score_norm`` equals the full catalog."""
+    from ecomtrain.model.backbone import ItemLM, build_causal_lm
+    from ecomtrain.model.items import ItemTower
+    from ecomtrain.serve.topk import HiddenScorer
+
+    torch.manual_seed(5)
+    table = torch.cat([torch.zeros(1, 8), torch.randn(11, 8)])
+    id_free = torch.zeros(12, dtype=torch.bool)
+    id_free[[3, 8, 11]] = True
+    cfg = validate_tree(tiny_recipe(Path("."), Path("."), model__items="hybrid"))
+    lm, vocab, _ = build_causal_lm(cfg.model, 11)
+    net = ItemLM(lm, vocab, mode="hybrid", tower=ItemTower(table, 64, "linear", id_free, cold_head=True, cold_share=0.2)).eval()
+    plain = ItemLM(lm, vocab, mode="hybrid", tower=ItemTower(table, 64, "linear", id_free)).eval()
+    plain.tower.load_state_dict({k: v for k, v in net.tower.state_dict().items() if not k.startswith("cold")})
+    assert net.mixes_cold and not plain.mixes_cold
+    with torch.no_grad():
+        h = net.hidden(torch.tensor([[1, 2, 4], [5, 0, 0]]))[:, 0]
+        s, raw = net.item_logits(h), plain.item_logits(h)
+        cold = torch.tensor([2, 7, 10])
+        warm = torch.tensor([c for c in range(11) if c not in (2, 7, 10)])
+        assert torch.allclose(s.exp().sum(-1), torch.ones(2), atol=1e-5)
+        assert torch.allclose(s[:, cold].exp().sum(-1), torch.full((2,), 0.2), atol=1e-5)
+        # warm: the hybrid's scores shifted per row; cold: the cold head's text scores, not the hybrid's text part
+        assert torch.allclose(s[:, warm] - raw[:, warm], (s[:, warm] - raw[:, warm])[:, :1].expand(-1, len(warm)), atol=1e-5)
+        want_cold = (h @ net.tower.cold_vectors(cold).T).log_softmax(-1) + torch.log(torch.tensor(0.2))
+        assert torch.allclose(s[:, cold], want_cold, atol=1e-5)
+        scorer = HiddenScorer(net, h)
+        parts = torch.cat([scorer(lo, min(lo + 4, 11)) for lo in range(0, 11, 4)], -1)
+        assert torch.allclose(parts, s, atol=1e-5)
+        assert torch.allclose(scorer(4, 8, rows=torch.tensor([1])), s[1:, 4:8], atol=1e-5)
+        with pytest.raises(ValueError, match="score_norm"):
+            net.item_logits(h, 0, 4)
+    net.train()  # training scores are the hybrid's own (cold columns out of the softmax)
+    assert torch.allclose(net.item_logits(h), plain.train().item_logits(h))
+
+
+def test_cold_head_trains_on_detached_states_and_leaves_the_model_as_it_was(tmp_path, cold_dataset):
+    """The cold head learns (its loss falls, it is logged) and gives cold items finite text-dependent scores,
+    while the model's own weights train exactly as without the head (same init, zero gradient from it; clipping
+    is off here, as the head's scaled gradient adds its 1 % to the clipped norm); the share is estimated from
+    validation; export reloads with the head and gives the checkpoint's scores."""
+    from ecomtrain.data.build import load_manifest
+    from ecomtrain.export import export, load_exported
+    from ecomtrain.train.checkpointing import load_lightning_state, resolve_checkpoint
+    from ecomtrain.train.runner import train
+
+    enc = save_tiny_bert(tmp_path / "bert")
+    common = dict(model__items="hybrid", data__item_text={"template": "{title}; brand: {brand}"}, trainer__max_epochs=2,
+                  trainer__gradient_clip_val=0.0)
+    runs, logs = {}, []
+    for head in (False, True):
+        cfg = _cfg(cold_dataset, tmp_path / f"run-{head}", model__item_text={"encoder": str(enc), "cold_head": head}, **common)
+        runs[head] = (cfg, train(cfg, log=lambda *a: logs.append(" ".join(map(str, a)))))
+    states = {h: load_lightning_state(resolve_checkpoint(r, "last"))["state_dict"] for h, (_, r) in runs.items()}
+    cold_keys = [k for k in states[True] if ".cold_" in k]
+    assert sorted(cold_keys) == ["net.tower.cold_adapter.bias", "net.tower.cold_adapter.weight", "net.tower.cold_share"]
+    assert set(states[True]) - set(cold_keys) == set(states[False])
+    for k, v in states[False].items():
+        assert torch.allclose(v, states[True][k], atol=1e-6), k
+    # auto share: (cold validation targets + 1) / (validation targets + 2), logged
+    manifest = load_manifest(cold_dataset)
+    from ecomtrain.data.shardio import iter_split_samples
+    import polars as pl
+
+    counts = pl.read_parquet(cold_dataset / "items.parquet").sort("idx")["train_count"].to_list()
+    tg = [int(s["target"]) for s in iter_split_samples(cold_dataset, manifest, "val")]
+    k = sum(counts[t - 1] == 0 for t in tg)
+    assert k > 0 and float(states[True]["net.tower.cold_share"]) == pytest.approx((k + 1) / (len(tg) + 2))
+    assert any(f"{k} of {len(tg)} validation targets" in line for line in logs)
+    csv_text = (runs[True][1] / "logs" / "metrics.csv").read_text()
+    assert "train/cold_head_loss" in csv_text.splitlines()[0]
+    m = json.loads((runs[True][1] / "metrics.json").read_text())
+    assert 0 <= m["test_cold/hr@10"] <= 1 and m["eval/cold_items_rankable"] is True
+    cfg, run_dir = runs[True]
+    out = export(run_dir, tmp_path / "exported", ckpt="last")
+    reloaded = load_exported(out)
+    assert reloaded.mixes_cold
+    a, b = _checkpoint_and_export_scores(cfg, run_dir, "last", reloaded)
+    assert torch.allclose(a, b, atol=1e-5)
+    cold_cols = torch.tensor([i for i, c in enumerate(counts) if c == 0])
+    assert torch.isfinite(b).all() and b[:, cold_cols].std() > 0
+
+
+def test_cold_head_is_for_hybrid_and_share_is_checked(tmp_path, cold_dataset):
+    for items in ("id", "text"):
+        with pytest.raises(RecipeError, match="model.item_text.cold_head"):
+            _cfg(cold_dataset, tmp_path / "r", model__items=items, model__item_text={"cold_head": True})
+    for bad in (0, 1, 1.5):
+        with pytest.raises(RecipeError, match="model.item_text.cold_share"):
+            _cfg(cold_dataset, tmp_path / "r", model__items="hybrid", model__item_text={"cold_head": True, "cold_share": bad})

@@ -155,6 +155,10 @@ class ItemLM(nn.Module):
         self.mode = mode
         self.tower = tower
         self.id_dropout = id_dropout
+        # a hybrid with a cold head and some items without training occurrence scores by the mixture (_mix_cold)
+        self._mixes_cold = bool(mode == "hybrid" and getattr(tower, "cold_adapter", None) is not None and bool(tower.id_free[1:].any()))
+        if self._mixes_cold:
+            self.register_buffer("_cold_cols", torch.nonzero(tower.id_free[1:]).squeeze(1), persistent=False)
         self.embed_dropout = nn.Dropout(dropout)
         self.hidden_dropout = hidden_dropout
         if hidden_dropout > 0:
@@ -220,19 +224,81 @@ class ItemLM(nn.Module):
             return nn.functional.linear(hidden, head.weight[a:b], bias)
         return head(hidden)[..., a:b]
 
-    def item_logits(self, hidden: torch.Tensor, lo: int = 0, hi: Optional[int] = None) -> torch.Tensor:
+    def item_logits(self, hidden: torch.Tensor, lo: int = 0, hi: Optional[int] = None,
+                    norm: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         """Scores of item columns lo..hi-1 (column j = item j+1): [..., hi - lo].
 
-        text/hybrid project only the text rows lo..hi-1, never the whole catalog."""
+        text/hybrid project only the text rows lo..hi-1, never the whole catalog. A hybrid with a cold head
+        (``mixes_cold``) scores by log-probabilities at evaluation (see ``_mix_cold``); ``norm``: its
+        per-row normalisers from ``score_norm``, which chunked callers compute once per batch."""
         hi = self.vocab.num_items if hi is None else hi
         if self.mode == "text":
             return self._unseen_out(hidden @ self.tower.vectors(lo, hi).to(hidden.dtype).T, lo, hi)
+        logits = self._id_logits(hidden, lo, hi)
+        if self.mixes_cold and not self.training:
+            logits = self._mix_cold(hidden, logits, lo, hi, norm)
+        return logits
+
+    def _id_logits(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """id: the ID head; hybrid: ID (where kept) + text scores."""
         logits = self._id_head(hidden, lo, hi)
         if self.mode == "hybrid":
             cols = torch.arange(lo + 1, hi + 1, device=hidden.device)
             keep = self._id_keep(cols).to(logits.dtype)
             logits = self._unseen_out(logits * keep + hidden @ self.tower.vectors(lo, hi).to(hidden.dtype).T, lo, hi)
         return logits
+
+    # -- cold head (model.item_text.cold_head, hybrid): cold items get their own text-only scorer
+    @property
+    def mixes_cold(self) -> bool:
+        return self._mixes_cold
+
+    def _cold_scores(self, hidden: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.tower.cold_vectors(cols).to(hidden.dtype).T
+
+    def cold_loss(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Training signal of the cold head: full-catalog cross-entropy of its text-only scores on the model's
+        *detached* hidden states (``target``: item columns), over the items that have training occurrences.
+        The model itself gets no gradient from it, and its weights no say in it."""
+        logits = (hidden.detach() @ self.tower.cold_vectors().to(hidden.dtype).T).float()
+        return nn.functional.cross_entropy(logits.masked_fill(self.tower.id_free[1:], float("-inf")), target)
+
+    def score_norm(self, hidden: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row log-normalisers of the two parts of the mixture, the catalog taken ``chunk`` columns at a time:
+        logsumexp of the hybrid's scores over warm items, and of the cold head's over cold items."""
+        n = self.vocab.num_items
+        free = self.tower.id_free[1:]
+        warm = torch.full(hidden.shape[:-1], float("-inf"), device=hidden.device)
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            s = self._id_logits(hidden, lo, hi).float()
+            warm = torch.logaddexp(warm, s.masked_fill(free[lo:hi], float("-inf")).logsumexp(-1))
+        return warm, self._cold_norm(hidden, chunk)
+
+    def _cold_norm(self, hidden: torch.Tensor, chunk: int) -> torch.Tensor:
+        cold_cols = self._cold_cols
+        out = torch.full(hidden.shape[:-1], float("-inf"), device=hidden.device)
+        for a in range(0, len(cold_cols), chunk):
+            out = torch.logaddexp(out, self._cold_scores(hidden, cold_cols[a: a + chunk]).float().logsumexp(-1))
+        return out
+
+    def _mix_cold(self, hidden: torch.Tensor, logits: torch.Tensor, lo: int, hi: int,
+                  norm: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """log[(1 - s) P_hybrid(item | warm items)] for warm columns, log[s P_cold(item | cold items)] for cold ones
+        (s = ``tower.cold_share``). The hybrid ranks warm items as before; a cold item ranks among them by how sure
+        the cold head is of it, weighted by how often targets are cold."""
+        free = self.tower.id_free[lo + 1: hi + 1]
+        cols = torch.nonzero(free).squeeze(1)
+        if norm is None:
+            if lo != 0 or hi != self.vocab.num_items:
+                raise ValueError("ItemLM.item_logits: a chunk of a cold-head model's scores needs norm=score_norm(hidden, chunk)")
+            norm = (logits.float().masked_fill(free, float("-inf")).logsumexp(-1), self._cold_norm(hidden, max(1, len(cols))))
+        share = self.tower.cold_share.float()
+        out = logits.float() - (norm[0] - torch.log1p(-share)).unsqueeze(-1)
+        if len(cols):
+            cold = self._cold_scores(hidden, cols + lo).float() - (norm[1] - torch.log(share)).unsqueeze(-1)
+            out = out.index_copy(out.dim() - 1, cols, cold)
+        return out
 
     def _unseen_out(self, logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         """Training only: items with no training occurrence leave the softmax. They are never a training

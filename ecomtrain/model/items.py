@@ -11,6 +11,9 @@
   alone) are always scored by their text part only; their ID rows only ever received
   "negative" gradient. ``model.item_text.id_dropout`` drops an item's ID part during
   training (per input occurrence and per output column), so text alone must rank items.
+  ``model.item_text.cold_head`` instead gives cold items their own text-only scorer (trained
+  beside the model on detached hidden states), mixed with the hybrid's as probabilities at
+  evaluation (``backbone.ItemLM.item_logits``).
 
 ``ItemTower.vectors(lo, hi)`` projects only table rows ``lo+1 .. hi`` (columns lo..hi-1):
 scoring a catalog in chunks never projects all items at once.
@@ -51,9 +54,11 @@ def text_pca_rows(table: torch.Tensor, hidden: int, std: float, seed: int = 0) -
 
 class ItemTower(nn.Module):
     def __init__(self, table: torch.Tensor, hidden: int, adapter: str = "linear", id_free: Optional[torch.Tensor] = None,
-                 out_std: Optional[float] = None):
+                 out_std: Optional[float] = None, cold_head: bool = False, cold_share: float = 0.0):
         """``out_std``: None keeps nn.Linear's init; a float scales the last layer so projected text starts at that std;
-        0 starts the last layer at zero (hybrid ``adapter_init: zero``: the model starts as its ID part)."""
+        0 starts the last layer at zero (hybrid ``adapter_init: zero``: the model starts as its ID part).
+        ``cold_head`` (hybrid ``model.item_text.cold_head``): a second linear map of the text, the cold items' own
+        scorer, with ``cold_share`` (a checkpointed buffer) the prior share of targets that are cold items."""
         super().__init__()
         table = table.float()
         body = table[1:]
@@ -76,6 +81,12 @@ class ItemTower(nn.Module):
                 else:
                     last.weight.zero_()
                 last.bias.zero_()
+        self.cold_adapter = None
+        if cold_head:
+            # its own RNG stream: adding the head leaves every other weight's init (and the run) as it was
+            with torch.random.fork_rng(devices=[]):
+                self.cold_adapter = nn.Linear(d, hidden)
+            self.register_buffer("cold_share", torch.tensor(float(cold_share)), persistent=True)
         # items scored by text alone in hybrid mode (index 0 = padding)
         free = id_free if id_free is not None else torch.zeros(table.shape[0], dtype=torch.bool)
         self.register_buffer("id_free", free.bool(), persistent=False)
@@ -93,3 +104,8 @@ class ItemTower(nn.Module):
         """[hi - lo, H] text vectors of columns lo..hi-1 (items lo+1..hi)."""
         hi = self.num_items if hi is None else hi
         return self.adapter((self.table[1 + lo: 1 + hi] - self.mu) / self.sd)
+
+    def cold_vectors(self, cols: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The cold head's [len(cols), H] vectors of item columns ``cols`` (column j = item j+1; None: every item)."""
+        rows = self.table[1:] if cols is None else self.table[cols + 1]
+        return self.cold_adapter((rows - self.mu) / self.sd)

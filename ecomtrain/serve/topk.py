@@ -256,10 +256,16 @@ class HiddenScorer:
 
     def __init__(self, net, hidden: torch.Tensor):
         self.net, self.hidden = net, hidden
+        self.norm = None  # a cold-head hybrid's per-row normalisers (ItemLM.score_norm), one catalog pass per batch
 
     def __call__(self, lo: int, hi: int, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         h = self.hidden if rows is None else self.hidden[rows]
-        return self.net.item_logits(h, lo, hi).float()
+        norm = None
+        if getattr(self.net, "mixes_cold", False) and not (lo == 0 and hi == self.net.vocab.num_items):
+            if self.norm is None:
+                self.norm = self.net.score_norm(self.hidden, hi - lo)
+            norm = self.norm if rows is None else (self.norm[0][rows], self.norm[1][rows])
+        return self.net.item_logits(h, lo, hi, norm=norm).float()
 
 
 class VectorScorer:

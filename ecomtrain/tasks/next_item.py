@@ -115,6 +115,10 @@ def _side(samples: list[dict], bounds: list[tuple[int, int]], flags: dict) -> Op
     return {k: _pad([r[k] for r in rows]) for k in rows[0]}
 
 
+# model.item_text.cold_head: the weight of its loss (see NextItemTask.loss; any value leaves its Adam updates the same)
+COLD_LOSS_SCALE = 0.01
+
+
 def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
     """Mean cross-entropy with label smoothing ``eps`` spread over the columns that can be predicted.
 
@@ -151,6 +155,7 @@ class NextItemTask(Task):
         # task.consistency_weight (see consistency.prefix_kl)
         self.consistency_weight = consistency_weight if consistency_weight is not None else float(getattr(cfg, "consistency_weight", 0.0))
         self.last_consistency = None
+        self.last_cold = None  # the cold head's unscaled loss (model.item_text.cold_head)
         # a harmless row for padding eval batches (its weight is 0)
         self.pad_sample = {"items": [1], "target": 1}
 
@@ -210,8 +215,15 @@ class NextItemTask(Task):
         labels = batch["labels"]
         mask = labels > 0
         pos = batch.get("position_ids")
-        logits = net.item_logits(net.hidden(batch["items"], position_ids=pos, side=batch.get("side"))[mask])
+        h = net.hidden(batch["items"], position_ids=pos, side=batch.get("side"))[mask]
+        logits = net.item_logits(h)
         loss = smoothed_cross_entropy(logits.float(), labels[mask] - 1, self.label_smoothing)
+        if getattr(net, "mixes_cold", False):
+            # the cold head learns on detached hidden states (ItemLM.cold_loss). Its loss enters scaled by COLD_LOSS_SCALE:
+            # Adam's step does not depend on a gradient's scale, and so the head's gradient barely adds to the norm
+            # that gradient clipping computes over all parameters (the model's own updates stay as without the head)
+            self.last_cold = net.cold_loss(h, labels[mask] - 1)
+            loss = loss + COLD_LOSS_SCALE * self.last_cold
         if self.consistency_weight > 0:
             from ..consistency import prefix_kl
 
@@ -221,9 +233,12 @@ class NextItemTask(Task):
         return loss
 
     def train_logs(self) -> dict:
+        out = {}
         if self.consistency_weight > 0 and self.last_consistency is not None:
-            return {"train/consistency_kl": self.last_consistency.detach()}
-        return {}
+            out["train/consistency_kl"] = self.last_consistency.detach()
+        if self.last_cold is not None:
+            out["train/cold_head_loss"] = self.last_cold.detach()
+        return out
 
     def scores(self, net, batch: dict) -> torch.Tensor:
         """Item scores [B, N] at each user's last history position."""

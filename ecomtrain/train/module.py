@@ -62,15 +62,34 @@ def module_for_dataset(cfg: Recipe, manifest: dict, log=print, init_from_text: b
     titles = items["title"].cast(pl.Utf8).to_list() if "title" in items.columns else None
     cold = items["cold"].to_list() if "cold" in items.columns and items["cold"].any() else None
     meta = {k: manifest[k] for k in _META if k in manifest}
+    share = None
+    if cfg.model.item_text.cold_head and cfg.model.item_text.cold_share == "auto":
+        share = cold_target_share(cfg.data.path, manifest, counts, log)
     return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts, data_meta=meta,
                      item_category=cats, item_titles=titles, channels=manifest.get("channels") or [],
-                     item_text=prepare(cfg, manifest, log=log) if init_from_text or cfg.model.items != "id" else None, cold=cold)
+                     item_text=prepare(cfg, manifest, log=log) if init_from_text or cfg.model.items != "id" else None, cold=cold,
+                     cold_share=share)
+
+
+def cold_target_share(data_path, manifest: dict, train_counts: list[int], log=print) -> float:
+    """``model.item_text.cold_share: auto``: the share of validation targets that are items with no training
+    occurrence, add-one smoothed ((k + 1) / (n + 2): never 0 or 1, so no item is ruled out)."""
+    from ..data.shardio import iter_split_samples
+
+    k = n = 0
+    for s in iter_split_samples(data_path, manifest, "val"):
+        t = int(s["target"])
+        n += 1
+        k += 0 < t <= len(train_counts) and train_counts[t - 1] == 0
+    share = (k + 1) / (n + 2)
+    log(f"cold head: {k} of {n} validation targets have no training occurrence; cold_share = {share:.4f}")
+    return share
 
 
 class RecModule(L.LightningModule):
     def __init__(self, recipe: dict, num_items: int, item_counts: Optional[list[int]] = None, data_meta: Optional[dict] = None,
                  item_category: Optional[list[int]] = None, item_titles: Optional[list] = None, channels: Optional[list] = None,
-                 item_text=None, cold: Optional[list[bool]] = None):
+                 item_text=None, cold: Optional[list[bool]] = None, cold_share: Optional[float] = None):
         super().__init__()
         # only the (secret-free) recipe, vocabulary size and the dataset's event/channel vocabularies go into checkpoints
         hp = {"recipe": recipe, "num_items": num_items}
@@ -92,6 +111,9 @@ class RecModule(L.LightningModule):
         cold_t = torch.tensor(cold, dtype=torch.bool) if cold is not None else torch.zeros(num_items, dtype=torch.bool)
         self.register_buffer("cold", cold_t, persistent=False)
         self.has_cold = cold is not None
+        # model.item_text.cold_head: the prior share of cold targets (module_for_dataset resolves 'auto'; a checkpoint's own wins)
+        cs = self.cfg.model.item_text.cold_share
+        self.cold_share = float(cs) if cs != "auto" else (cold_share if cold_share is not None else 0.0)
         self.net: Optional[ItemLM] = None
         self.heads = nn.ModuleDict()  # per-task heads, built with the model (configure_model)
         self.primary_excludes_seen = self.cfg.eval.exclude_seen
@@ -133,7 +155,8 @@ class RecModule(L.LightningModule):
             # items with no training occurrence are scored by text alone in hybrid mode
             id_free = torch.cat([torch.zeros(1, dtype=torch.bool), self.popularity.cpu() == 0])
             out_std = {"matched": init_std, "zero": 0.0}.get(mc.item_text.adapter_init)
-            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free, out_std=out_std)
+            tower = ItemTower(self.item_text.table, lm.config.hidden_size, mc.item_text.adapter, id_free, out_std=out_std,
+                              cold_head=mc.item_text.cold_head, cold_share=self.cold_share)
         side = None
         flags = mc.inputs.model_dump()
         if any(flags.values()):
@@ -281,7 +304,8 @@ class RecModule(L.LightningModule):
             nd = p.ndim < 2 or "embed" in name or name.startswith("side.")
             # the text adapter: its own learning rate (model.item_text.adapter_lr). Only when it differs, so runs
             # (and their checkpoints' optimizer states) without it keep the two groups they always had
-            if name.startswith("tower.") and self.cfg.model.item_text.adapter_lr != 1.0:
+            # (the cold head is not part of it: it trains at optim.lr)
+            if name.startswith("tower.") and not name.startswith("tower.cold_adapter.") and self.cfg.model.item_text.adapter_lr != 1.0:
                 (tower_no_decay if nd else tower_decay).append(p)
             else:
                 (no_decay if nd else decay).append(p)
