@@ -28,10 +28,11 @@ CASES = {
     "hybrid-lora-zero3": ["model.items=hybrid", "finetune.method=lora", "trainer.strategy.name=deepspeed",
                           "trainer.strategy.zero_stage=3"],
     # the Beauty hybrid recipe's item options: text-initialised ID rows, zero-started adapter in its own
-    # optimizer groups (adapter_lr) -- through DeepSpeed's flattened ZeRO-2 partitions
+    # optimizer groups (adapter_lr), the cold head and its share buffer -- through DeepSpeed's flattened ZeRO-2 partitions
     "hybrid-full-zero2-text-init": ["model.items=hybrid", "finetune.method=full", "trainer.strategy.name=deepspeed",
                                     "trainer.strategy.zero_stage=2", "model.item_text.id_init=text",
-                                    "model.item_text.adapter_init=zero", "model.item_text.adapter_lr=0.1"],
+                                    "model.item_text.adapter_init=zero", "model.item_text.adapter_lr=0.1",
+                                    "model.item_text.cold_head=true"],
 }
 
 
