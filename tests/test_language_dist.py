@@ -26,7 +26,7 @@ CASES = {
     "text-adalora-zero2": ["model.items=text", "finetune.method=adalora", "trainer.strategy.name=deepspeed",
                            "trainer.strategy.zero_stage=2"],
     "hybrid-lora-zero3": ["model.items=hybrid", "finetune.method=lora", "trainer.strategy.name=deepspeed",
-                          "trainer.strategy.zero_stage=3"],
+                          "trainer.strategy.zero_stage=3", "model.item_text.cold_head=true"],
     # the Beauty hybrid recipe's item options: text-initialised ID rows, zero-started adapter in its own
     # optimizer groups (adapter_lr), the cold head and its share buffer -- through DeepSpeed's flattened ZeRO-2 partitions
     "hybrid-full-zero2-text-init": ["model.items=hybrid", "finetune.method=full", "trainer.strategy.name=deepspeed",
