@@ -166,15 +166,15 @@ def write_item_tower(out: Path, cfg, vocab, state: dict) -> None:
     }, indent=1))
 
 
-def load_exported(folder: str | Path):
-    """An exported folder -> ``model.backbone.ItemLM`` in eval mode (id, text or hybrid)."""
+def load_exported(folder: str | Path, dtype=None):
+    """An exported folder -> ``model.backbone.ItemLM`` in eval mode (id, text or hybrid; ``dtype``: of the LM weights)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from .model.backbone import ItemLM, ItemVocab
 
     folder = Path(folder)
-    lm = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    lm = AutoModelForCausalLM.from_pretrained(str(folder), **({"dtype": dtype} if dtype is not None else {})).eval()
     meta_file = folder / "ecomtrain_export.json"
     info = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     if info.get("adapter") and not info.get("merged"):

@@ -686,6 +686,16 @@ def test_cold_head_trains_on_detached_states_and_leaves_the_model_as_it_was(tmp_
     assert torch.allclose(a, b, atol=1e-5)
     cold_cols = torch.tensor([i for i, c in enumerate(counts) if c == 0])
     assert torch.isfinite(b).all() and b[:, cold_cols].std() > 0
+    # `ecomtrain recommend` from the run folder and from the export: the same model (item tower and cold head
+    # included; it once ranked text/hybrid runs by their ID head alone), whole catalog or in small chunks
+    from ecomtrain.serve.recommend import Recommender
+
+    top = a.topk(6)
+    for src in (run_dir, out):
+        for mb in (None, 1e-4):
+            rec = Recommender.from_pretrained(src, ckpt="last", score_memory_mb=mb)
+            v, i = next(rec.rank_indices([[1, 2, 3, 4], [5, 6]], k=6, exclude_seen=False))
+            assert torch.equal(i, top.indices) and torch.allclose(v, top.values, atol=1e-5), (src, mb)
 
 
 def test_cold_head_is_for_hybrid_and_share_is_checked(tmp_path, cold_dataset):

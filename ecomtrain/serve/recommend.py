@@ -31,6 +31,20 @@ def _pad(rows: Sequence[Sequence[int]]) -> torch.Tensor:
     return out
 
 
+def _text_item_net(cfg, manifest: dict, state: dict, run_dir: Path):
+    """model.items text/hybrid: the run's ItemLM with its item tower (text table, adapter, cold head), as training built it."""
+    from ..config import RecipeError
+    from ..train.module import module_for_dataset
+
+    module = module_for_dataset(cfg, manifest, log=lambda *_: None, init_from_text=False)
+    module.configure_model()
+    missing, unexpected = module.load_state_dict(state["state_dict"], strict=False)
+    missing = [k for k in missing if k.startswith("net.") and not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        raise RecipeError(f"{run_dir}: checkpoint does not match the recipe's model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return module.net.eval()
+
+
 def _run_dir_of(path: Path) -> Optional[Path]:
     for p in [path, *path.parents]:
         if (p / "recipe.yaml").is_file():
@@ -80,14 +94,16 @@ class Recommender:
         from ..export import load_trained_lm
         from ..model.backbone import ItemLM
 
-        lm, vocab, tok, cfg, _, _ = load_trained_lm(run_dir, ckpt, overrides)
+        lm, vocab, tok, cfg, _, state = load_trained_lm(run_dir, ckpt, overrides)
         if "next_item" not in [t.name for t in cfg.task]:  # only next_item trains the item-token ranking
             raise RecipeError(f"{run_dir}: recommend ranks the catalog with a next_item model; this run trained "
                               f"{', '.join(t.name for t in cfg.task)} (use `ecomtrain eval` for its metrics)")
         manifest = load_manifest(cfg.data.path)
         catalog = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"))
-        return cls(ItemLM(lm, vocab, tokenizer=tok), catalog, cfg.data.max_history,
-                   score_memory_mb or cfg.eval.score_memory_mb, dev)
+        net = ItemLM(lm, vocab, tokenizer=tok)
+        if cfg.model.items != "id":
+            net = _text_item_net(cfg, manifest, state, run_dir)
+        return cls(net, catalog, cfg.data.max_history, score_memory_mb or cfg.eval.score_memory_mb, dev)
 
     @classmethod
     def _from_export(cls, path: Path, device: str, score_memory_mb: float) -> "Recommender":
@@ -98,19 +114,26 @@ class Recommender:
 
         iv = json.loads((path / "item_vocab.json").read_text())
         meta = json.loads((path / "ecomtrain_export.json").read_text()) if (path / "ecomtrain_export.json").is_file() else {}
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        if (path / "adapter").is_dir() and not meta.get("merged", False):
-            from peft import PeftModel
+        if (path / "item_tower.json").is_file():  # text/hybrid items: the model with its item table (and cold head)
+            from ..export import load_exported
 
-            lm = PeftModel.from_pretrained(lm, path / "adapter")
-        vocab = ItemVocab(int(iv["num_items"]), int(iv["first_item_token_id"]), int(iv["pad_token_id"]))
+            net = load_exported(path, dtype=torch.float32)
+            vocab = net.vocab
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            if (path / "adapter").is_dir() and not meta.get("merged", False):
+                from peft import PeftModel
+
+                lm = PeftModel.from_pretrained(lm, path / "adapter")
+            vocab = ItemVocab(int(iv["num_items"]), int(iv["first_item_token_id"]), int(iv["pad_token_id"]))
+            net = ItemLM(lm.eval(), vocab)
         if (path / "items.parquet").is_file():
             catalog = pl.read_parquet(path / "items.parquet")
         else:
             first = vocab.offset
             ids = [iv["token_id_to_item_id"][str(first + j)] for j in range(vocab.num_items)]
             catalog = pl.DataFrame({"item": [str(i) for i in ids], "idx": list(range(1, vocab.num_items + 1))})
-        return cls(ItemLM(lm.eval(), vocab), catalog, int(meta.get("max_history") or 50), score_memory_mb, device)
+        return cls(net, catalog, int(meta.get("max_history") or 50), score_memory_mb, device)
 
     # ------------------------------------------------------------------ inputs
     def encode(self, histories: Iterable[Sequence]) -> tuple[list[list[int]], int, list]:
