@@ -100,9 +100,7 @@ class Recommender:
                               f"{', '.join(t.name for t in cfg.task)} (use `ecomtrain eval` for its metrics)")
         manifest = load_manifest(cfg.data.path)
         catalog = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"))
-        net = ItemLM(lm, vocab, tokenizer=tok)
-        if cfg.model.items != "id":
-            net = _text_item_net(cfg, manifest, state, run_dir)
+        net = _text_item_net(cfg, manifest, state, run_dir) if cfg.model.items != "id" else ItemLM(lm, vocab, tokenizer=tok)
         return cls(net, catalog, cfg.data.max_history, score_memory_mb or cfg.eval.score_memory_mb, dev)
 
     @classmethod
