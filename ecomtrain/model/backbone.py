@@ -156,8 +156,8 @@ class ItemLM(nn.Module):
         self.tower = tower
         self.id_dropout = id_dropout
         # a hybrid with a cold head and some items without training occurrence scores by the mixture (_mix_cold)
-        self._mixes_cold = bool(mode == "hybrid" and getattr(tower, "cold_adapter", None) is not None and bool(tower.id_free[1:].any()))
-        if self._mixes_cold:
+        self.mixes_cold = bool(mode == "hybrid" and getattr(tower, "cold_adapter", None) is not None and bool(tower.id_free[1:].any()))
+        if self.mixes_cold:
             self.register_buffer("_cold_cols", torch.nonzero(tower.id_free[1:]).squeeze(1), persistent=False)
         self.embed_dropout = nn.Dropout(dropout)
         self.hidden_dropout = hidden_dropout
@@ -249,10 +249,6 @@ class ItemLM(nn.Module):
         return logits
 
     # -- cold head (model.item_text.cold_head, hybrid): cold items get their own text-only scorer
-    @property
-    def mixes_cold(self) -> bool:
-        return self._mixes_cold
-
     def _cold_scores(self, hidden: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         return hidden @ self.tower.cold_vectors(cols).to(hidden.dtype).T
 
@@ -289,15 +285,16 @@ class ItemLM(nn.Module):
         the cold head is of it, weighted by how often targets are cold."""
         free = self.tower.id_free[lo + 1: hi + 1]
         cols = torch.nonzero(free).squeeze(1)
+        cold = self._cold_scores(hidden, cols + lo).float() if len(cols) else None
         if norm is None:
             if lo != 0 or hi != self.vocab.num_items:
                 raise ValueError("ItemLM.item_logits: a chunk of a cold-head model's scores needs norm=score_norm(hidden, chunk)")
-            norm = (logits.float().masked_fill(free, float("-inf")).logsumexp(-1), self._cold_norm(hidden, max(1, len(cols))))
+            # the whole catalog (mixes_cold: it has cold columns): both normalisers from the scores at hand
+            norm = (logits.float().masked_fill(free, float("-inf")).logsumexp(-1), cold.logsumexp(-1))
         share = self.tower.cold_share.float()
         out = logits.float() - (norm[0] - torch.log1p(-share)).unsqueeze(-1)
-        if len(cols):
-            cold = self._cold_scores(hidden, cols + lo).float() - (norm[1] - torch.log(share)).unsqueeze(-1)
-            out = out.index_copy(out.dim() - 1, cols, cold)
+        if cold is not None:
+            out = out.index_copy(out.dim() - 1, cols, cold - (norm[1] - torch.log(share)).unsqueeze(-1))
         return out
 
     def _unseen_out(self, logits: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

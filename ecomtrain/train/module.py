@@ -46,7 +46,8 @@ def module_for_dataset(cfg: Recipe, manifest: dict, log=print, init_from_text: b
     (model.items text/hybrid, or a pretrained backbone's id init) the item text of model/item_text.py.
 
     ``init_from_text=False`` (weights come from a checkpoint): in id mode the item text would only
-    initialise item rows that the checkpoint overwrites, so it is neither rendered nor encoded."""
+    initialise item rows that the checkpoint overwrites, so it is neither rendered nor encoded; nor is
+    a cold head's ``cold_share: auto`` estimated (the checkpoint holds it)."""
     from pathlib import Path
 
     import polars as pl
@@ -63,7 +64,8 @@ def module_for_dataset(cfg: Recipe, manifest: dict, log=print, init_from_text: b
     cold = items["cold"].to_list() if "cold" in items.columns and items["cold"].any() else None
     meta = {k: manifest[k] for k in _META if k in manifest}
     share = None
-    if cfg.model.item_text.cold_head and cfg.model.item_text.cold_share == "auto":
+    # (weights from a checkpoint: its own share buffer wins, so the validation split is not read for it)
+    if cfg.model.item_text.cold_head and cfg.model.item_text.cold_share == "auto" and init_from_text:
         share = cold_target_share(cfg.data.path, manifest, counts, log)
     return RecModule(redact(cfg.model_dump(mode="json")), int(manifest["num_items"]), counts, data_meta=meta,
                      item_category=cats, item_titles=titles, channels=manifest.get("channels") or [],
@@ -111,7 +113,8 @@ class RecModule(L.LightningModule):
         cold_t = torch.tensor(cold, dtype=torch.bool) if cold is not None else torch.zeros(num_items, dtype=torch.bool)
         self.register_buffer("cold", cold_t, persistent=False)
         self.has_cold = cold is not None
-        # model.item_text.cold_head: the prior share of cold targets (module_for_dataset resolves 'auto'; a checkpoint's own wins)
+        # model.item_text.cold_head: the prior share of cold targets (module_for_dataset resolves 'auto'; a checkpoint's own
+        # wins, so a module built to load one leaves it unresolved here)
         cs = self.cfg.model.item_text.cold_share
         self.cold_share = float(cs) if cs != "auto" else (cold_share if cold_share is not None else 0.0)
         self.net: Optional[ItemLM] = None
