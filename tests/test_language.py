@@ -155,6 +155,33 @@ def test_identical_text_identical_vectors_and_cache_keys(tmp_path):
     assert not list((tmp_path / "data" / "item_text").glob(".*tmp*"))
 
 
+def test_each_distinct_text_is_encoded_once_in_length_sorted_chunks(tmp_path):
+    """Repeated texts are encoded once and their row copied, so identical text gives an identical
+    vector whatever the chunk shapes and thread count (a text encoded in two chunks of other widths
+    can differ in the last bits under multi-threaded matmuls)."""
+    from ecomtrain.model.item_text import HFEncoder, encode
+
+    inner = HFEncoder(save_tiny_bert(tmp_path / "bert"), max_length=16)
+    calls: list[list[str]] = []
+
+    def counting(batch: list[str]):
+        calls.append(list(batch))
+        return inner(batch)
+
+    texts = ["brand00 pure shampoo", "c", "brand01 soft serum daily 100 ml", "brand00 pure shampoo", "c",
+             "lipstick", "brand00 pure shampoo"]
+    table = encode(texts, counting, batch_size=2)
+    encoded = [t for chunk in calls[1:] for t in chunk]  # calls[0] probes the width
+    assert sorted(encoded) == sorted(set(texts))  # each distinct text once
+    assert all(len(a) <= len(b) for chunk in calls[1:] for a, b in zip(chunk, chunk[1:]))  # shortest first
+    for i, t in enumerate(texts):
+        first = texts.index(t)
+        assert torch.equal(table[i + 1], table[first + 1])
+    assert not torch.equal(table[1], table[3]) and torch.all(table[0] == 0)
+    alone = encode(["lipstick"], inner, batch_size=2)
+    assert torch.allclose(table[6], alone[1], atol=1e-5)
+
+
 def test_half_written_cache_is_not_reused(tmp_path):
     from ecomtrain.model.item_text import cache_key, text_table
 

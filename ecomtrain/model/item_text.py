@@ -135,18 +135,28 @@ def encode(texts: list[str], encoder, batch_size: int, desc: str = "encoding ite
     """[N + 1, D] table, row 0 zeros; one chunk of activations alive at a time."""
     from tqdm.auto import tqdm
 
+    # each distinct text is encoded once and its row copied to the items that repeat it: identical text
+    # gets an identical vector exactly (a text encoded in two chunks of other shapes can differ in the
+    # last bits under multi-threaded matmuls), and repeated titles cost nothing
+    seen: dict[str, int] = {}
+    rep = np.fromiter((seen.setdefault(t, i) for i, t in enumerate(texts)), dtype=np.int64, count=len(texts))
+    del seen  # before the table exists: the peak stays texts + table + one chunk
+    uniq = np.flatnonzero(rep == np.arange(len(texts)))
     first = encoder(texts[:1])
     table = torch.zeros(len(texts) + 1, first.shape[1], dtype=torch.float32)
     # chunks of similar length (shortest first): a chunk pads to its own longest text, not the catalog's.
     # Texts are sorted by character count in windows of 64 chunks, so the order costs O(window) memory only.
     window = 64 * batch_size
     chunks = []
-    for wlo in range(0, len(texts), window):
-        order = sorted(range(wlo, min(wlo + window, len(texts))), key=lambda i: len(texts[i]))
+    for wlo in range(0, len(uniq), window):
+        order = sorted(uniq[wlo: wlo + window].tolist(), key=lambda i: len(texts[i]))
         chunks += [order[lo: lo + batch_size] for lo in range(0, len(order), batch_size)]
-    for idx in tqdm(chunks, desc=desc, unit="chunk", mininterval=5, disable=len(texts) <= batch_size):
+    for idx in tqdm(chunks, desc=desc, unit="chunk", mininterval=5, disable=len(uniq) <= batch_size):
         vecs = torch.from_numpy(np.ascontiguousarray(encoder([texts[i] for i in idx])))
         table[torch.as_tensor(idx) + 1] = vecs
+    dup = np.flatnonzero(rep != np.arange(len(texts)))
+    if len(dup):
+        table[torch.from_numpy(dup) + 1] = table[torch.from_numpy(rep[dup]) + 1]
     return table
 
 
