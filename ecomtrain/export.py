@@ -193,7 +193,10 @@ def load_exported(folder: str | Path, dtype=None):
         t = load_file(str(folder / "item_tower.safetensors"))
         mode = meta["mode"]
         tower = ItemTower(t["table"], lm.config.hidden_size, meta["adapter"], t["id_free"].bool(), cold_head=meta.get("cold_head", False))
-        tower.load_state_dict({k[len("tower."):]: v for k, v in t.items() if k.startswith("tower.")}, strict=False)
+        missing, unexpected = tower.load_state_dict({k[len("tower."):]: v for k, v in t.items() if k.startswith("tower.")}, strict=False)
+        if missing or unexpected:  # an adapter or cold head left at its random init would score silently wrong
+            raise ValueError(f"{folder / 'item_tower.safetensors'} does not match {folder / 'item_tower.json'} "
+                             f"(mode {mode}, adapter {meta['adapter']}): missing tower.{missing[:5]}, unexpected tower.{unexpected[:5]}")
     vocab = ItemVocab(iv["num_items"], iv["first_item_token_id"], iv["pad_token_id"], tokens=mode != "text")
     return ItemLM(lm, vocab, mode=mode, tower=tower).eval()
 

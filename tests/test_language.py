@@ -314,6 +314,15 @@ def test_train_cold_metrics_and_export_reload(mode, tmp_path, cold_dataset):
     cold_cols = torch.tensor(module.cold.nonzero().flatten())
     assert torch.isfinite(b[:, cold_cols]).all() and b[:, cold_cols].std() > 0
 
+    # an export whose tower weights lack a key (the adapter would score from its random init) is refused
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(out / "item_tower.safetensors"))
+    dropped = next(k for k in t if k.startswith("tower.adapter"))
+    save_file({k: v for k, v in t.items() if k != dropped}, str(out / "item_tower.safetensors"))
+    with pytest.raises(ValueError, match=r"item_tower.safetensors does not match .*missing"):
+        load_exported(out)
+
 
 def test_id_mode_states_it_cannot_rank_cold_items(tmp_path, cold_dataset):
     from ecomtrain.train.runner import train
