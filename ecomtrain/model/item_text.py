@@ -141,7 +141,8 @@ def encode(texts: list[str], encoder, batch_size: int, desc: str = "encoding ite
     seen: dict[str, int] = {}
     rep = np.fromiter((seen.setdefault(t, i) for i, t in enumerate(texts)), dtype=np.int64, count=len(texts))
     del seen  # before the table exists: the peak stays texts + table + one chunk
-    uniq = np.flatnonzero(rep == np.arange(len(texts)))
+    own = rep == np.arange(len(texts))  # the first item holding its text
+    uniq = np.flatnonzero(own)
     first = encoder(texts[:1])
     table = torch.zeros(len(texts) + 1, first.shape[1], dtype=torch.float32)
     # chunks of similar length (shortest first): a chunk pads to its own longest text, not the catalog's.
@@ -154,7 +155,7 @@ def encode(texts: list[str], encoder, batch_size: int, desc: str = "encoding ite
     for idx in tqdm(chunks, desc=desc, unit="chunk", mininterval=5, disable=len(uniq) <= batch_size):
         vecs = torch.from_numpy(np.ascontiguousarray(encoder([texts[i] for i in idx])))
         table[torch.as_tensor(idx) + 1] = vecs
-    dup = np.flatnonzero(rep != np.arange(len(texts)))
+    dup = np.flatnonzero(~own)
     if len(dup):
         table[torch.from_numpy(dup) + 1] = table[torch.from_numpy(rep[dup]) + 1]
     return table
