@@ -177,11 +177,13 @@ def load_exported(folder: str | Path, dtype=None):
     lm = AutoModelForCausalLM.from_pretrained(str(folder), **({"dtype": dtype} if dtype is not None else {})).eval()
     meta_file = folder / "ecomtrain_export.json"
     info = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if info.get("adapter") and not info.get("merged"):
+    # a folder without ecomtrain_export.json: an adapter/ subfolder is taken as non-merged
+    adapter = info.get("adapter", "adapter" if (folder / "adapter").is_dir() else None)
+    if adapter and not info.get("merged"):
         # a non-merged adapter export: DIR's weights are the base model, the trained model is base + adapter
         from peft import PeftModel
 
-        lm = PeftModel.from_pretrained(lm, str(folder / info["adapter"])).eval()
+        lm = PeftModel.from_pretrained(lm, str(folder / adapter)).eval()
     iv = json.loads((folder / "item_vocab.json").read_text())
     mode, tower = "id", None
     if (folder / "item_tower.json").is_file():

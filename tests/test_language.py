@@ -422,6 +422,12 @@ def test_text_and_hybrid_train_under_lora(tmp_path, cold_dataset):
             assert (out / "adapter").is_dir()
             a, b = _checkpoint_and_export_scores(cfg, run_dir, "last", load_exported(out))
             assert torch.allclose(a, b, atol=1e-5), (mode, merge, (a - b).abs().max())
+            # `ecomtrain recommend` on the export loads the same model (adapter applied when not merged)
+            from ecomtrain.serve.recommend import Recommender
+
+            v, i = next(Recommender.from_pretrained(out).rank_indices([[1, 2, 3, 4], [5, 6]], k=5, exclude_seen=False))
+            top = a.topk(5)
+            assert torch.equal(i, top.indices) and torch.allclose(v, top.values, atol=1e-5), (mode, merge)
 
 
 def _checkpoint_and_export_scores(cfg, run_dir, ckpt, reloaded):

@@ -106,25 +106,14 @@ class Recommender:
     @classmethod
     def _from_export(cls, path: Path, device: str, score_memory_mb: float) -> "Recommender":
         import polars as pl
-        from transformers import AutoModelForCausalLM
 
-        from ..model.backbone import ItemLM, ItemVocab
+        from ..export import load_exported
 
         iv = json.loads((path / "item_vocab.json").read_text())
         meta = json.loads((path / "ecomtrain_export.json").read_text()) if (path / "ecomtrain_export.json").is_file() else {}
-        if (path / "item_tower.json").is_file():  # text/hybrid items: the model with its item table (and cold head)
-            from ..export import load_exported
-
-            net = load_exported(path, dtype=torch.float32)
-            vocab = net.vocab
-        else:
-            lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-            if (path / "adapter").is_dir() and not meta.get("merged", False):
-                from peft import PeftModel
-
-                lm = PeftModel.from_pretrained(lm, path / "adapter")
-            vocab = ItemVocab(int(iv["num_items"]), int(iv["first_item_token_id"]), int(iv["pad_token_id"]))
-            net = ItemLM(lm.eval(), vocab)
+        # id, text or hybrid (item table and cold head), plain or with a non-merged adapter
+        net = load_exported(path, dtype=torch.float32)
+        vocab = net.vocab
         if (path / "items.parquet").is_file():
             catalog = pl.read_parquet(path / "items.parquet")
         else:
