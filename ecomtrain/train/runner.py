@@ -239,7 +239,7 @@ def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
 
     from .datamodule import ShardDataModule
     from .module import module_for_dataset
-    from .strategies import build_strategy, resolve_accelerator
+    from .strategies import build_strategy, cpu_precision_warning, resolve_accelerator
 
     from . import preemption
 
@@ -261,6 +261,9 @@ def train(cfg: Recipe, log=print, callbacks: Sequence = ()) -> Path:
 
     tc = cfg.trainer
     accelerator = resolve_accelerator(tc)
+    slow = cpu_precision_warning(tc.precision, accelerator)
+    if slow and is_zero:
+        log(f"WARNING: {slow}")
     loggers = make_loggers(cfg, run_dir, recipe_tree)
     stop_on_signal = preemption.StopOnSignal(log=log)
     trainer = L.Trainer(
