@@ -32,7 +32,7 @@ def main() -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ecomtrain.train.strategies import cpu_precision_warning
+    from ecomtrain.train.strategies import cpu_has_bf16_kernels, cpu_precision_warning
 
     torch.manual_seed(0)
     tokens = a.batch * a.seq
@@ -69,17 +69,13 @@ def main() -> None:
         out[name] = {"seconds_median": {k: round(v, 5) for k, v in med.items()},
                      "seconds_all": {k: [round(t, 5) for t in v] for k, v in runs.items()},
                      "bf16_over_fp32": round(med["bf16_autocast"] / med["fp32"], 2)}
-    try:
-        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        native = False
     result = {
         "bench": "cpu_precision",
         "command": "OMP_NUM_THREADS=%s python bench/cpu_precision.py --batch %d --seq %d --repeats %d"
                    % (os.environ.get("OMP_NUM_THREADS", "unset"), a.batch, a.seq, a.repeats),
         "tokens": tokens,
         **out,
-        "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn_bf16": native,
+        "machine": {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn_bf16": cpu_has_bf16_kernels(),
                     "processor": platform.processor() or platform.machine(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "loadavg": list(os.getloadavg())},
         "ecomtrain_warns": cpu_precision_warning("bf16-mixed", "cpu") is not None,

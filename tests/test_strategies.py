@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ecomtrain.train.strategies import cpu_precision_warning
+from ecomtrain.train.strategies import cpu_has_bf16_kernels, cpu_precision_warning
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about():
     # fp32 and fp16, and anything on a GPU, say nothing
     assert cpu_precision_warning("32", "cpu") is None
     assert cpu_precision_warning("bf16-mixed", "gpu") is None
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = cpu_has_bf16_kernels()
     for p in ("bf16-mixed", "bf16-true"):
         w = cpu_precision_warning(p, "cpu")
         assert (w is None) == native
@@ -20,7 +20,6 @@ def test_bf16_on_a_cpu_without_native_bf16_is_warned_about():
     if torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2"):
         # no AVX512 at all: oneDNN has no bf16 path, so the warning must come
         assert not native and cpu_precision_warning("bf16-mixed", "cpu") is not None
-
 
 
 def test_cpu_precision_bench_prints_its_json(tmp_path):
