@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--out", help="also write the JSON object to this file (e.g. bench/results/train_throughput_cpu.json)")
     ap.add_argument("--profile-callers", nargs="*", default=[], metavar="NAME",
                     help="with --profile: also print the callers of functions matching these names")
+    ap.add_argument("--num-workers", type=int, default=0,
+                    help="ecomtrain arm: data.num_workers (0 = read in the training process, in a prefetch thread; N = worker processes)")
     ap.add_argument("--read-ahead", choices=["on", "off"], default="on",
                     help="ecomtrain arm: start the next epoch's reader at an epoch's last batch (train/datamodule.py) or on demand")
     ap.add_argument("--profile-dump", metavar="DIR", help="with --profile: also write each side's raw cProfile stats to DIR/<side>.prof (pstats)")
@@ -70,7 +72,8 @@ def main() -> None:
     n_items = manifest["num_items"]
     tree = {
         "run": {"dir": str(tmp / "run"), "seed": 0},
-        "data": {"path": str(data), "max_history": a.history, "batch_size": a.batch, "shuffle_buffer": 1000},
+        "data": {"path": str(data), "max_history": a.history, "batch_size": a.batch, "shuffle_buffer": 1000,
+                 "num_workers": a.num_workers},
         "model": {"backbone": {"hidden_size": a.hidden, "num_layers": a.layers, "num_heads": a.heads, "intermediate_size": 4 * a.hidden,
                                "max_position_embeddings": max(512, a.history + 1)}, "dropout": 0.1},
         "optim": {"warmup_ratio": 0.0, "scheduler": "constant"},
