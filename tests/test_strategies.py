@@ -10,6 +10,7 @@ from ecomtrain.train.strategies import cpu_has_bf16_kernels, cpu_precision_warni
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about():
     # fp32 and fp16, and anything on a GPU, say nothing
     assert cpu_precision_warning("32", "cpu") is None
+    assert cpu_precision_warning("16-mixed", "cpu") is None
     assert cpu_precision_warning("bf16-mixed", "gpu") is None
     native = cpu_has_bf16_kernels()
     for p in ("bf16-mixed", "bf16-true"):

@@ -109,7 +109,6 @@ class Recommender:
 
         from ..export import load_exported
 
-        iv = json.loads((path / "item_vocab.json").read_text())
         meta = json.loads((path / "ecomtrain_export.json").read_text()) if (path / "ecomtrain_export.json").is_file() else {}
         # id, text or hybrid (item table and cold head), plain or with a non-merged adapter
         net = load_exported(path, dtype=torch.float32)
@@ -117,6 +116,7 @@ class Recommender:
         if (path / "items.parquet").is_file():
             catalog = pl.read_parquet(path / "items.parquet")
         else:
+            iv = json.loads((path / "item_vocab.json").read_text())  # a catalog from the vocab alone
             first = vocab.offset
             ids = [iv["token_id_to_item_id"][str(first + j)] for j in range(vocab.num_items)]
             catalog = pl.DataFrame({"item": [str(i) for i in ids], "idx": list(range(1, vocab.num_items + 1))})
