@@ -61,29 +61,79 @@ def test_both_formats_decode_to_the_same_samples(both):
     assert nbytes(mn) < 0.7 * nbytes(mj)
 
 
-def test_training_batches_are_identical(both):
+def _same(x, y, where: str) -> None:
+    if isinstance(x, dict):  # a batch, or its side inputs
+        assert x.keys() == y.keys(), where
+        for k in x:
+            _same(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    else:
+        assert x == y, where
+
+
+def _equal_batches(a, b):
+    assert len(a) == len(b) > 10
+    for i, (x, y) in enumerate(zip(a, b)):
+        _same(x, y, f"batch {i}")
+
+
+# the npy reader decodes only the fields the task's collate_train reads (Task.train_fields), the JSON
+# reader every field: equal batches also prove the projection drops nothing the batches need
+@pytest.mark.parametrize("inputs", [{}, {"event_types": True, "channels": True, "time_gaps": True}], ids=["ids", "side_inputs"])
+def test_training_batches_are_identical(both, inputs):
     from ecomtrain.config import validate_tree
     from ecomtrain.train.datamodule import ShardDataModule
     from ecomtrain.train.module import make_task
 
     def batches(root):
         tree = {"data": {"path": str(root), "max_history": 10, "batch_size": 8, "eval_batch_size": 16, "shuffle_buffer": 30},
-                "model": {"backbone": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}},
+                "model": {"backbone": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64}, "inputs": inputs},
                 "trainer": {"accelerator": "cpu", "max_epochs": 1}}
         cfg = validate_tree(tree)
         m = build.load_manifest(root)
-        dm = ShardDataModule(cfg, make_task(cfg, m), m)
-        return [b for _ in range(2) for b in dm.train_dataloader()] + list(dm.val_dataloader())
+        task = make_task(cfg, m)
+        assert task.train_fields() == {"items"} | ({"events", "channels", "ts"} if inputs else set())
+        dm = ShardDataModule(cfg, task, m)
+        out = [b for _ in range(2) for b in dm.train_dataloader()]
+        assert dm._train.fields == task.train_fields()
+        assert ("side" in out[0]) == bool(inputs)
+        return out + list(dm.val_dataloader())
 
-    a, b = batches(both[0]), batches(both[1])
-    assert len(a) == len(b) > 10
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys()
-        for k in x:
-            if isinstance(x[k], torch.Tensor):
-                assert torch.equal(x[k], y[k]), k
-            else:
-                assert x[k] == y[k], k
+    _equal_batches(batches(both[0]), batches(both[1]))
+
+
+def test_field_projection_keeps_exactly_the_asked_fields(both):
+    """decode_block(fields=...) gives each sample the asked keys with the same values, and still
+    checks every array of the block (a damaged unread list is an error, not skipped)."""
+    m = _manifest(both[0])
+    path = both[0] / m["splits"]["val"]["shards"][0]["name"]
+    full = list(_iter_shard(path))
+    some = list(_iter_shard(path, fields=frozenset({"items", "ts", "target"})))
+    assert some == [{k: s[k] for k in ("items", "ts", "target")} for s in full]
+    assert list(_iter_shard(path, fields=None)) == full
+    assert list(_iter_shard(path, fields=frozenset({"user"}))) == [{"user": s["user"]} for s in full]
+
+
+def test_tasks_declare_their_training_fields():
+    """A task that does not declare its fields gets whole samples; a multi-task run reads the union."""
+    from ecomtrain.tasks.base import MultiTask, Task
+    from ecomtrain.tasks.next_item import NextItemTask
+
+    nxt = NextItemTask(num_items=10, max_history=5)
+    assert Task.train_fields(nxt) is None and nxt.train_fields() == {"items"}
+    nxt.flags = {"channels": True}
+    assert nxt.train_fields() == {"items", "channels"}
+
+    class Undeclared(NextItemTask):
+        def train_fields(self):
+            return None
+
+    multi = MultiTask.__new__(MultiTask)
+    multi.tasks = [nxt, NextItemTask(num_items=10, max_history=5)]
+    assert multi.train_fields() == {"items", "channels"}
+    multi.tasks = [nxt, Undeclared(num_items=10, max_history=5)]
+    assert multi.train_fields() is None
 
 
 def test_schema_1_is_read_and_other_versions_ask_for_a_rebuild(both, tmp_path):

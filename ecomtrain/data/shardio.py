@@ -74,18 +74,19 @@ class _Hashing:
         return b
 
 
-def _iter_shard(path: Path, digest=None) -> Iterator[dict]:
+def _iter_shard(path: Path, digest=None, fields: Optional[frozenset] = None) -> Iterator[dict]:
     """Samples of one tar shard (either schema).
 
     Read with the standard library's streaming tar reader (what webdataset's
     tar_file_iterator wraps): importing webdataset pulls in torch, ~6 s on a
     loaded 2-core machine, which ``data inspect`` does not need. With ``digest``
     (a hashlib object) every byte of the file is hashed as it is read, so the
-    training reader checks the manifest's sha256 without a second pass.
+    training reader checks the manifest's sha256 without a second pass. ``fields``
+    (schema 2): the sample keys to materialise (see ``decode_block``); None = all.
     """
     with open(path, "rb") as raw:
         src = _Hashing(raw, digest) if digest is not None else raw
-        yield from _members(path, src)
+        yield from _members(path, src, fields)
         if digest is not None:  # the tar reader stops at the end-of-archive blocks: hash the rest too
             while src.read(1 << 16):
                 pass
@@ -103,7 +104,7 @@ def iter_split_samples(data_path: str | Path, manifest: dict, split: str) -> Ite
         yield from _iter_shard(root / sh["name"])
 
 
-def _members(path: Path, src) -> Iterator[dict]:
+def _members(path: Path, src, fields: Optional[frozenset] = None) -> Iterator[dict]:
     block: dict[str, bytes] = {}
     key = None
     with tarfile.open(fileobj=src, mode="r|") as tar:
@@ -123,16 +124,21 @@ def _members(path: Path, src) -> Iterator[dict]:
                 yield json.loads(data)
                 continue
             if k != key and block:
-                yield from decode_block(block, f"{path}: block '{key}'")
+                yield from decode_block(block, f"{path}: block '{key}'", fields)
                 block = {}
             key = k
             block[ext] = data
         if block:
-            yield from decode_block(block, f"{path}: block '{key}'")
+            yield from decode_block(block, f"{path}: block '{key}'", fields)
 
 
-def decode_block(members: dict[str, bytes], where: str) -> Iterator[dict]:
-    """The samples of one schema-2 block (``members``: extension -> bytes), yielded lazily."""
+def decode_block(members: dict[str, bytes], where: str, fields: Optional[frozenset] = None) -> Iterator[dict]:
+    """The samples of one schema-2 block (``members``: extension -> bytes), yielded lazily.
+
+    ``fields``: the keys each sample dict gets (None = every key of the block). The training
+    stream asks only for what its task's ``collate_train`` reads (``Task.train_fields``): the
+    other lists are still loaded and length-checked, but never turned into per-sample Python
+    lists, which is most of the decoding time of a block."""
     if "meta.json" not in members:
         raise ValueError(f"{where}: no meta.json member (damaged shard?)")
     meta = json.loads(members["meta.json"])
@@ -156,7 +162,10 @@ def decode_block(members: dict[str, bytes], where: str) -> Iterator[dict]:
     np.cumsum(lens, out=cum[1:])
     ucum = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(user_len, out=ucum[1:])
-    ub = user.tobytes()
+    ub = user.tobytes() if fields is None or "user" in fields else None
+    if fields is not None:
+        lists = {k: v for k, v in lists.items() if k in fields}
+        targets = {k: v for k, v in targets.items() if k in fields}
     tl = {k: _py(k, v) for k, v in targets.items()}
     # Python lists made per chunk of samples: one tolist() per field and chunk, then list slices
     step = 256
@@ -166,7 +175,7 @@ def decode_block(members: dict[str, bytes], where: str) -> Iterator[dict]:
         lc = {k: _py(k, v[a0:int(cum[c1])]) for k, v in lists.items()}
         for i in range(c0, c1):
             a, b = int(cum[i]) - a0, int(cum[i + 1]) - a0
-            d = {"user": ub[ucum[i]:ucum[i + 1]].decode()}
+            d = {"user": ub[ucum[i]:ucum[i + 1]].decode()} if ub is not None else {}
             for k, v in lc.items():
                 d[k] = v[a:b]
             for k, v in tl.items():

@@ -33,7 +33,7 @@ import hashlib
 import random
 import tarfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -61,6 +61,7 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         max_corrupt_fraction: float = 0.0,
         pad_sample: Optional[dict] = None,
+        fields: Optional[Iterable[str]] = None,
     ):
         self.root = Path(root)
         self.split = split
@@ -80,6 +81,9 @@ class ShardStream(IterableDataset):
         self.seed = seed
         self.max_corrupt_fraction = max_corrupt_fraction
         self.pad_sample = pad_sample
+        # the sample keys ``collate`` reads (Task.train_fields); None = every key. Schema-2 blocks
+        # then skip building per-sample lists nobody reads (data/shardio.py decode_block)
+        self.fields = frozenset(fields) if fields is not None else None
         self.epoch = 0
         self.skip = 0  # batches to skip at the start of the next epoch (resume)
         self.corrupt_shards: list[str] = []  # names skipped as unreadable (this process)
@@ -144,7 +148,7 @@ class ShardStream(IterableDataset):
                         raise ValueError(f"{size} bytes, manifest.json says {want} (truncated?)")
                     n = 0
                     digest = hashlib.sha256() if sh.get("sha256") else None
-                    for s in _iter_shard(path, digest):
+                    for s in _iter_shard(path, digest, self.fields):
                         n += 1
                         yielded = True
                         yield s

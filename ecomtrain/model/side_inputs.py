@@ -48,6 +48,15 @@ def side_keys(flags: dict) -> list[str]:
     return [KEYS[k] for k in KEYS if flags.get(k)]
 
 
+# the sample field each side input is computed from (side_lists)
+SOURCES = {"event_types": "events", "channels": "channels", "time_gaps": "ts"}
+
+
+def side_fields(flags: dict) -> set[str]:
+    """The sample fields ``side_lists`` reads under ``flags``."""
+    return {SOURCES[k] for k in SOURCES if flags.get(k)}
+
+
 class SideInputs(nn.Module):
     def __init__(self, hidden_size: int, num_events: int, num_channels: int, flags: dict, init_std: float = 0.02):
         super().__init__()

@@ -99,6 +99,12 @@ class Task:
     def collate_train(self, samples: list[dict]) -> dict:
         raise NotImplementedError
 
+    def train_fields(self) -> Optional[set[str]]:
+        """The sample keys ``collate_train`` reads; the training stream decodes only these
+        (data/shardio.py ``decode_block``). None (the default) = every key: a task that does not
+        declare its fields gets whole samples."""
+        return None
+
     def collate_eval(self, samples: list[dict]) -> dict:
         raise NotImplementedError
 
@@ -206,6 +212,10 @@ class MultiTask(Task):
 
     def collate_train(self, samples):
         return {t.name: t.collate_train(samples) for t in self.tasks}
+
+    def train_fields(self):
+        want = [t.train_fields() for t in self.tasks]
+        return None if any(w is None for w in want) else set().union(*want)
 
     def collate_eval(self, samples):
         return {t.name: t.collate_eval(samples) for t in self.tasks}

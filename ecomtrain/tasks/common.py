@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.side_inputs import side_lists
+from ..model.side_inputs import side_keys, side_lists
 from .base import pad
 
 
@@ -56,6 +56,8 @@ class NegativeSampler:
 
 
 def side_batch(samples: list[dict], bounds: list[tuple[int, int]], flags: dict) -> Optional[dict]:
+    if not side_keys(flags):  # every side input off: no per-sample work
+        return None
     rows = [side_lists(s, lo, hi, flags) for s, (lo, hi) in zip(samples, bounds)]
     if not rows or not rows[0]:
         return None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.side_inputs import side_lists
+from ..model.side_inputs import side_fields, side_keys, side_lists
 from . import register_task
 from .base import Task, TaskContext
 
@@ -109,6 +109,8 @@ def pack_rows(inputs: list[list[int]], labels: list[list[int]], max_width: int, 
 
 def _side(samples: list[dict], bounds: list[tuple[int, int]], flags: dict) -> Optional[dict]:
     """Padded side-input tensors aligned with the item rows (None when every input is off)."""
+    if not side_keys(flags):  # the usual case: no per-sample work at all (this runs once per training step)
+        return None
     rows = [side_lists(s, lo, hi, flags) for s, (lo, hi) in zip(samples, bounds)]
     if not rows or not rows[0]:
         return None
@@ -184,6 +186,9 @@ class NextItemTask(Task):
         if side:
             out["side"] = side
         return out
+
+    def train_fields(self) -> set[str]:
+        return {"items", *side_fields(self.flags)}
 
     def collate_eval(self, samples: list[dict]) -> dict:
         n = [len(s["items"]) for s in samples]

@@ -240,6 +240,7 @@ class ShardDataModule(L.LightningDataModule):
             self.root, "train", self.manifest, self.task.collate_train, d.batch_size,
             mode="train", rank=rank, world_size=world, num_workers=d.num_workers,
             shuffle_buffer=d.shuffle_buffer, seed=self.cfg.run.seed, max_corrupt_fraction=d.max_corrupt_fraction,
+            fields=self.task.train_fields(),
         )
         first_epoch = self.trainer.current_epoch if self.trainer is not None else 0
         # a DataLoader iterator draws its worker base seed from the *global* torch RNG (one int64 per

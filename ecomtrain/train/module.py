@@ -126,6 +126,16 @@ class RecModule(L.LightningModule):
         )
 
     # -- model
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets _current_fx_name before and after every hook, ~40 times a training step
+        # (trainer/call.py). It is a plain str/None, never a parameter, submodule or buffer, so
+        # nn.Module.__setattr__'s bookkeeping (its isinstance checks) is skipped for it: the largest
+        # own-time entry of Lightning's per-step loop against a hand-written one (bench/train_throughput.py --profile)
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def configure_model(self) -> None:
         if self.net is not None:
             return
