@@ -47,9 +47,8 @@ def lm_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_trained_lm(run_dir: Path, ckpt: str = "last", overrides: Optional[list[str]] = None):
-    """(hf_model with trained weights, ItemVocab, tokenizer or None, recipe, checkpoint path, loaded checkpoint)."""
-    from .model.backbone import build_causal_lm
+def load_run_state(run_dir: Path, ckpt: str = "last", overrides: Optional[list[str]] = None):
+    """(recipe, checkpoint path, loaded checkpoint, num_items) of a run folder, without building any model."""
     from .train.checkpointing import load_lightning_state, resolve_checkpoint
 
     cfg = load_recipe(run_dir / "recipe.yaml", overrides or [])
@@ -62,6 +61,15 @@ def load_trained_lm(run_dir: Path, ckpt: str = "last", overrides: Optional[list[
     num_items = int(state.get("hyper_parameters", {}).get("num_items") or 0)
     if num_items <= 0:
         raise RecipeError(f"{path}: checkpoint has no hyper_parameters.num_items")
+    return cfg, path, state, num_items
+
+
+def load_trained_lm(run_dir: Path, ckpt: str = "last", overrides: Optional[list[str]] = None, loaded: Optional[tuple] = None):
+    """(hf_model with trained weights, ItemVocab, tokenizer or None, recipe, checkpoint path, loaded checkpoint).
+    ``loaded``: what ``load_run_state`` already returned for this run (the checkpoint is then not read again)."""
+    from .model.backbone import build_causal_lm
+
+    cfg, path, state, num_items = loaded if loaded is not None else load_run_state(run_dir, ckpt, overrides)
     lm, vocab, tok = build_causal_lm(cfg.model, num_items)
     from .model.adapters import apply_finetune_method
 

@@ -684,7 +684,7 @@ def test_cold_head_mixture_is_a_distribution_and_chunks_equal_the_full_catalog()
     assert torch.allclose(net.item_logits(h), plain.train().item_logits(h))
 
 
-def test_cold_head_trains_on_detached_states_and_leaves_the_model_as_it_was(tmp_path, cold_dataset):
+def test_cold_head_trains_on_detached_states_and_leaves_the_model_as_it_was(tmp_path, cold_dataset, monkeypatch):
     """The cold head learns (its loss falls, it is logged) and gives cold items finite text-dependent scores,
     while the model's own weights train exactly as without the head (same init, zero gradient from it; clipping
     is off here, as the head's scaled gradient adds its 1 % to the clipped norm); the share is estimated from
@@ -737,10 +737,23 @@ def test_cold_head_trains_on_detached_states_and_leaves_the_model_as_it_was(tmp_
     # included; it once ranked text/hybrid runs by their ID head alone), whole catalog or in small chunks
     from ecomtrain.serve.recommend import Recommender
 
+    import ecomtrain.model.backbone as backbone_mod
+    import ecomtrain.train.module as module_mod
+
+    built = []  # every language model built while loading: a run folder is read into one model, not two
+
+    def counting(*args, real=backbone_mod.build_causal_lm, **kw):
+        built.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(backbone_mod, "build_causal_lm", counting)
+    monkeypatch.setattr(module_mod, "build_causal_lm", counting)
     top = a.topk(6)
     for src in (run_dir, out):
         for mb in (None, 1e-4):
+            built.clear()
             rec = Recommender.from_pretrained(src, ckpt="last", score_memory_mb=mb)
+            assert len(built) == (1 if src == run_dir else 0), (src, built)
             v, i = next(rec.rank_indices([[1, 2, 3, 4], [5, 6]], k=6, exclude_seen=False))
             assert torch.equal(i, top.indices) and torch.allclose(v, top.values, atol=1e-5), (src, mb)
 

@@ -91,16 +91,21 @@ class Recommender:
         elif not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").iterdir()):
             raise RecipeError(f"{run_dir}: run folder has no checkpoint (checkpoints/ is missing or empty); train it first")
         from ..data.build import load_manifest
-        from ..export import load_trained_lm
+        from ..export import load_run_state, load_trained_lm
         from ..model.backbone import ItemLM
 
-        lm, vocab, tok, cfg, _, state = load_trained_lm(run_dir, ckpt, overrides)
+        run = load_run_state(run_dir, ckpt, overrides)
+        cfg, state = run[0], run[2]
         if "next_item" not in [t.name for t in cfg.task]:  # only next_item trains the item-token ranking
             raise RecipeError(f"{run_dir}: recommend ranks the catalog with a next_item model; this run trained "
                               f"{', '.join(t.name for t in cfg.task)} (use `ecomtrain eval` for its metrics)")
         manifest = load_manifest(cfg.data.path)
         catalog = pl.read_parquet(Path(cfg.data.path) / manifest.get("item_file", "items.parquet"))
-        net = _text_item_net(cfg, manifest, state, run_dir) if cfg.model.items != "id" else ItemLM(lm, vocab, tokenizer=tok)
+        if cfg.model.items != "id":  # text/hybrid: the module builds its LM and item tower once, from this state
+            net = _text_item_net(cfg, manifest, state, run_dir)
+        else:
+            lm, vocab, tok, *_ = load_trained_lm(run_dir, ckpt, overrides, loaded=run)
+            net = ItemLM(lm, vocab, tokenizer=tok)
         return cls(net, catalog, cfg.data.max_history, score_memory_mb or cfg.eval.score_memory_mb, dev)
 
     @classmethod
