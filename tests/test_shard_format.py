@@ -113,6 +113,18 @@ def test_field_projection_keeps_exactly_the_asked_fields(both):
     assert some == [{k: s[k] for k in ("items", "ts", "target")} for s in full]
     assert list(_iter_shard(path, fields=None)) == full
     assert list(_iter_shard(path, fields=frozenset({"user"}))) == [{"user": s["user"]} for s in full]
+    # a block whose unread `events` array is cut short is still refused when only `items` is asked for
+    from ecomtrain.data.shardio import decode_block
+
+    with tarfile.open(path) as tar:
+        first = tar.getmembers()[0].name.rsplit("/", 1)[-1].partition(".")[0]
+        members = {m.name.rsplit("/", 1)[-1].partition(".")[2]: tar.extractfile(m).read()
+                   for m in tar.getmembers() if m.name.rsplit("/", 1)[-1].partition(".")[0] == first}
+    assert len(list(decode_block(members, "ok", frozenset({"items"})))) > 0
+    buf = io.BytesIO()
+    np.save(buf, np.load(io.BytesIO(members["events.npy"]))[:-1], allow_pickle=False)
+    with pytest.raises(ValueError, match="array lengths disagree"):
+        list(decode_block({**members, "events.npy": buf.getvalue()}, "cut", frozenset({"items"})))
 
 
 def test_tasks_declare_their_training_fields():

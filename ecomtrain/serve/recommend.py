@@ -95,7 +95,7 @@ class Recommender:
         from ..model.backbone import ItemLM
 
         run = load_run_state(run_dir, ckpt, overrides)
-        cfg, state = run[0], run[2]
+        cfg, _, state, _ = run
         if "next_item" not in [t.name for t in cfg.task]:  # only next_item trains the item-token ranking
             raise RecipeError(f"{run_dir}: recommend ranks the catalog with a next_item model; this run trained "
                               f"{', '.join(t.name for t in cfg.task)} (use `ecomtrain eval` for its metrics)")

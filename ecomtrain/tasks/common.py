@@ -55,13 +55,15 @@ class NegativeSampler:
         return out + rest[: k - len(out)]
 
 
-def side_batch(samples: list[dict], bounds: list[tuple[int, int]], flags: dict) -> Optional[dict]:
-    if not side_keys(flags):  # every side input off: no per-sample work
+def side_batch(samples: list[dict], bounds: list[tuple[int, int]], flags: dict, pad_rows=pad) -> Optional[dict]:
+    """Padded side-input tensors aligned with the item rows (None when every input is off);
+    ``pad_rows``: rows -> right-padded long tensor (next_item passes its faster one)."""
+    if not side_keys(flags):  # every side input off: no per-sample work (collate runs once per training step)
         return None
     rows = [side_lists(s, lo, hi, flags) for s, (lo, hi) in zip(samples, bounds)]
     if not rows or not rows[0]:
         return None
-    return {k: pad([r[k] for r in rows]) for k in rows[0]}
+    return {k: pad_rows([r[k] for r in rows]) for k in rows[0]}
 
 
 def iter_train_samples(data_path: str, manifest: dict) -> Iterator[dict]:

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.side_inputs import side_fields, side_keys, side_lists
+from ..model.side_inputs import side_fields
 from . import register_task
 from .base import Task, TaskContext
+from .common import side_batch
 
 
 def _pad(rows: list[list[int]], value: int = 0) -> torch.Tensor:
@@ -107,16 +108,6 @@ def pack_rows(inputs: list[list[int]], labels: list[list[int]], max_width: int, 
     return out
 
 
-def _side(samples: list[dict], bounds: list[tuple[int, int]], flags: dict) -> Optional[dict]:
-    """Padded side-input tensors aligned with the item rows (None when every input is off)."""
-    if not side_keys(flags):  # the usual case: no per-sample work at all (this runs once per training step)
-        return None
-    rows = [side_lists(s, lo, hi, flags) for s, (lo, hi) in zip(samples, bounds)]
-    if not rows or not rows[0]:
-        return None
-    return {k: _pad([r[k] for r in rows]) for k in rows[0]}
-
-
 # model.item_text.cold_head: the weight of its loss (see NextItemTask.loss; any value leaves its Adam updates the same)
 COLD_LOSS_SCALE = 0.01
 
@@ -178,7 +169,7 @@ class NextItemTask(Task):
             inputs.append(seq[:-1])
             labels.append(seq[1:])
             bounds.append((lo, len(s["items"]) - 1))
-        side = _side(samples, bounds, self.flags)
+        side = side_batch(samples, bounds, self.flags, _pad)
         if self.packing:
             extras = {k: [v[: len(x)] for v, x in zip(t.tolist(), inputs)] for k, t in side.items()} if side else None
             return pack_rows(inputs, labels, self.max_history, extras)
@@ -204,7 +195,7 @@ class NextItemTask(Task):
             "ts": _pad([s.get("ts") or [0] * len(s["items"]) for s in samples]),
             "target_ts": torch.tensor([int(s.get("target_ts") or 0) for s in samples], dtype=torch.long),
         }
-        side = _side(samples, [(max(0, k - self.max_history), k) for k in n], self.flags)
+        side = side_batch(samples, [(max(0, k - self.max_history), k) for k in n], self.flags, _pad)
         if side:
             out["side"] = side
         return out
