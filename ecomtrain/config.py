@@ -270,6 +270,10 @@ class NextItemTaskConfig(_TaskBase):
 
     name: Literal["next_item"] = "next_item"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    exclude_seen: bool = Field(
+        False, description="Leave the items already in the user's history (up to each position) out of the training softmax, "
+        "as eval.exclude_seen leaves them out of the ranking; a label that repeats an earlier item stays in. "
+        "For catalogs where users rarely re-buy an item.")
     consistency_weight: float = Field(0.0, ge=0, description="Weight of the time-consistency regulariser: symmetric KL between the item distributions predicted from consecutive prefixes of a user's history (0 = off).")
 
 

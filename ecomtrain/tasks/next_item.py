@@ -129,6 +129,25 @@ def smoothed_cross_entropy(logits: torch.Tensor, target: torch.Tensor, eps: floa
     return ((1 - eps) * nll + eps * smooth).mean()
 
 
+def history_columns(items: torch.Tensor, pos: Optional[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """[M, K] item columns (item - 1; -1 = none) of the history of each of the M labelled positions ``mask`` of
+    right-padded or packed rows ``items`` ([R, W]; ``pos``: position_ids, restarting at 0 for each packed segment;
+    None: every row is one segment from column 0). The history of position t is its segment's inputs 0..t."""
+    rows, cols = mask.nonzero(as_tuple=True)
+    p = pos[rows, cols] if pos is not None else cols
+    back = torch.arange(int(p.max()) + 1 if len(p) else 1, device=items.device)
+    valid = back.unsqueeze(0) <= p.unsqueeze(1)
+    return items[rows.unsqueeze(1), (cols.unsqueeze(1) - back).clamp(min=0)] * valid - 1
+
+
+def drop_history(logits: torch.Tensor, target: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+    """``logits`` ([M, N]) with the ``hist`` columns ([M, K], -1 = none) at -inf, except each row's ``target``
+    column (a label that repeats an earlier item stays in the softmax). One out-of-place copy, no [M, N] mask."""
+    t = target.unsqueeze(1)
+    keep = logits.gather(1, t)
+    return logits.scatter(1, torch.where(hist < 0, t, hist), float("-inf")).scatter(1, t, keep)
+
+
 @register_task("next_item")
 class NextItemTask(Task):
     """Full-catalog next-item ranking; metrics.json keys are the contract's (test/ndcg@10, ...)."""
@@ -143,6 +162,7 @@ class NextItemTask(Task):
             ctx = TaskContext(num_items=num_items, max_history=max_history, manifest={}, item_counts=[0] * num_items)
         super().__init__(cfg, ctx)
         self.label_smoothing = label_smoothing if label_smoothing is not None else float(getattr(cfg, "label_smoothing", 0.0))
+        self.exclude_seen = bool(getattr(cfg, "exclude_seen", False))
         self.packing = packing if packing is not None else ctx.packing
         self.flags = dict(ctx.inputs)
         # task.consistency_weight (see consistency.prefix_kl)
@@ -213,12 +233,16 @@ class NextItemTask(Task):
         pos = batch.get("position_ids")
         h = net.hidden(batch["items"], position_ids=pos, side=batch.get("side"))[mask]
         logits = net.item_logits(h)
-        loss = smoothed_cross_entropy(logits.float(), labels[mask] - 1, self.label_smoothing)
+        target = labels[mask] - 1
+        ce_logits = logits.float()
+        if self.exclude_seen:  # task.exclude_seen: history items leave the softmax (never the label itself)
+            ce_logits = drop_history(ce_logits, target, history_columns(batch["items"], pos, mask))
+        loss = smoothed_cross_entropy(ce_logits, target, self.label_smoothing)
         if getattr(net, "mixes_cold", False):
             # the cold head learns on detached hidden states (ItemLM.cold_loss). Its loss enters scaled by COLD_LOSS_SCALE:
             # Adam's step does not depend on a gradient's scale, and so the head's gradient barely adds to the norm
             # that gradient clipping computes over all parameters (the model's own updates stay as without the head)
-            self.last_cold = net.cold_loss(h, labels[mask] - 1)
+            self.last_cold = net.cold_loss(h, target)
             loss = loss + COLD_LOSS_SCALE * self.last_cold
         if self.consistency_weight > 0:
             from ..consistency import prefix_kl
