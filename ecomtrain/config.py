@@ -480,6 +480,22 @@ class PreemptionConfig(_Section):
     )
 
 
+class WeightAveragingConfig(_Section):
+    """An average of the weights over training, used for every validation, the checkpoints' weights
+    (``state_dict``; the live weights ride along for resume) and the final test (see docs/recipes.md)."""
+
+    kind: Literal["none", "ema", "swa"] = Field(
+        "none",
+        description="ema: exponential moving average, updated after every optimizer step; swa: equal-weight "
+        "average of the weights at the end of each epoch from start_epoch on; none: off.",
+    )
+    decay: float = Field(
+        0.999, gt=0, lt=1,
+        description="ema: weight of the old average at each step; it spans about 1/(1-decay) steps (0.99: 100).",
+    )
+    start_epoch: int = Field(0, ge=0, description="swa: the first epoch (0-based) whose end weights enter the average.")
+
+
 class TrainerConfig(_Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda"] = "auto"
     devices: Union[int, Literal["auto"]] = 1
@@ -507,6 +523,7 @@ class TrainerConfig(_Section):
     nonfinite: NonFiniteConfig = Field(default_factory=NonFiniteConfig)
     preemption: PreemptionConfig = Field(default_factory=PreemptionConfig)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
+    weight_averaging: WeightAveragingConfig = Field(default_factory=WeightAveragingConfig)
     resume: Optional[str] = Field(
         None, description="'auto' (newest complete checkpoint in RUN_DIR/checkpoints, or a fresh start if none) or a checkpoint path (file, or folder for DeepSpeed)."
     )
@@ -615,6 +632,18 @@ class Recipe(_Section):
     @property
     def primary_task(self):
         return self.task[0]
+
+    @model_validator(mode="after")
+    def _averaging_needs_whole_weights(self) -> "Recipe":
+        wa, st = self.trainer.weight_averaging, self.trainer.strategy
+        if wa.kind != "none" and st.name == "deepspeed":
+            raise ValueError(
+                f"trainer.weight_averaging.kind: {wa.kind} keeps a full copy of the weights in each process, which "
+                f"trainer.strategy.name=deepspeed (ZeRO-{st.zero_stage}) shards and checkpoints by its own format; "
+                "use strategy auto/single/ddp, or weight_averaging.kind: none"
+            )
+        return self
+
     @model_validator(mode="after")
     def _monitor_is_logged(self) -> "Recipe":
         # checked here, not after the first epoch: Lightning's EarlyStopping only fails once

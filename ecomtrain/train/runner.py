@@ -157,6 +157,9 @@ def make_callbacks(cfg: Recipe, run_dir: Path, has_logger: bool):
         from .adalora import AdaLoraAllocator
 
         cbs.append(AdaLoraAllocator())  # rank budget schedule, once per optimizer step
+    from .averaging import make_weight_averaging
+
+    cbs += make_weight_averaging(cfg)  # validation, checkpoints and the final test see the averaged weights
     if tc.early_stopping.enabled:
         es = tc.early_stopping
         # default: the metric (and direction) the task proposes; checked after each validation only:
