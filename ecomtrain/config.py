@@ -482,7 +482,7 @@ class PreemptionConfig(_Section):
 
 class WeightAveragingConfig(_Section):
     """An average of the weights over training, used for every validation, the checkpoints' weights
-    (``state_dict``; the live weights ride along for resume) and the final test (see docs/recipes.md)."""
+    (``state_dict``; the live weights ride along for resume) and the final test (see docs/dist.md)."""
 
     kind: Literal["none", "ema", "swa"] = Field(
         "none",

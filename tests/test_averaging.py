@@ -105,3 +105,33 @@ def test_weight_averaging_keys_are_checked(tmp_path, tiny_dataset):
         tree = tiny_recipe(tiny_dataset, tmp_path / "run", trainer__weight_averaging=bad)
         with pytest.raises(RecipeError, match=rf"trainer.weight_averaging.{key}"):
             validate_tree(tree)
+
+
+class _CrashAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, *a):
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected crash at step {self.step}")
+
+
+def test_resume_continues_the_same_average(tmp_path, tiny_dataset):
+    """A run stopped in step 5 and resumed from step 4 (trainer.resume=auto) ends with the same average and live
+    weights as an uninterrupted one: the checkpoint carries both."""
+    over = {"trainer__max_steps": 8, "trainer__checkpoint": {"every_n_steps": 2},
+            "trainer__weight_averaging": {"kind": "ema", "decay": 0.7}}
+    full = train(validate_tree(tiny_recipe(tiny_dataset, tmp_path / "full", **over)), log=lambda *_: None)
+    part_tree = tiny_recipe(tiny_dataset, tmp_path / "part", **over)
+    # Lightning runs checkpoint callbacks last: the crash in step 5 comes after step4.ckpt is written
+    with pytest.raises(RuntimeError, match="injected crash at step 5"):
+        train(validate_tree(part_tree), log=lambda *_: None, callbacks=[_CrashAt(5)])
+    assert (tmp_path / "part" / "checkpoints" / "step4.ckpt").exists()
+    part_tree["trainer"]["resume"] = "auto"
+    part = train(validate_tree(part_tree), log=lambda *_: None)
+    a, b = safe_load(full / "checkpoints" / "step8.ckpt"), safe_load(part / "checkpoints" / "step8.ckpt")
+    for key in ("state_dict", "current_model_state"):
+        assert a[key].keys() == b[key].keys()
+        for n in a[key]:
+            torch.testing.assert_close(a[key][n], b[key][n], rtol=0, atol=1e-6, msg=f"{key}[{n}]")
+    assert any(not torch.equal(a["state_dict"][n], a["current_model_state"][n]) for n in a["state_dict"])
