@@ -28,6 +28,14 @@ import time
 from pathlib import Path
 
 
+def load_note(load_start) -> str:
+    """What the 1-minute load at the start says about the wall time (the load at the end counts this run's own threads)."""
+    if load_start[0] < 0.5:
+        return f"machine idle at start (1-min load {load_start[0]:.2f}); loadavg_end includes this run's own threads"
+    return (f"machine shared with other jobs (1-min load {load_start[0]:.2f} at start): "
+            "wall time is inflated by their load")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("recipe")
@@ -93,7 +101,7 @@ def main() -> int:
         "overrides": a.overrides,
         "machine": {"cpus": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                     "loadavg_start": [round(x, 2) for x in load_start], "loadavg_end": [round(x, 2) for x in os.getloadavg()],
-                    "note": "2-core machine shared with other jobs: wall time is inflated by the load shown"},
+                    "note": load_note(load_start)},
         "seed": cfg.run.seed,
         "epochs_trained": m.get("train/epochs"),
         "wall_seconds": round(time.time() - t0, 1),
